@@ -1,0 +1,1 @@
+"""Rows -> rendered prompts -> tokens with label masks -> batches. Pure functions of rows and a tokenizer."""

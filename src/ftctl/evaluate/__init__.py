@@ -1,0 +1,1 @@
+"""Generation-based evaluation of a run (or a model folder) on its held-out rows."""

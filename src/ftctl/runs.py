@@ -1,0 +1,146 @@
+"""The run directory: atomic writes, the manifest, metrics, and the rules for reusing a folder.
+
+    <output_dir>/
+      config.yaml      the composed, resolved config (what a worker or `resume` reads back)
+      manifest.json    versions, git commit, data fingerprint, seed, device, model_path, status
+      metrics.jsonl    one JSON object per logged step and per validation
+      train.log        the log of the run
+      checkpoints/step-000100/   complete checkpoints (checkpoint.json written last)
+      adapter/         the final adapter in PEFT format, with the tokenizer (adapter methods)
+      model/           the final model, with the tokenizer (peft.method=full)
+      eval/            results of `ftctl eval`
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from datetime import datetime
+from pathlib import Path
+
+from .errors import RunDirError
+
+# everything ftctl writes at the top of a run directory; overwrite=true removes only these
+RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl", "train.log", "checkpoints", "adapter", "model", "eval")
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_manifest(run_dir: Path) -> dict | None:
+    f = Path(run_dir) / "manifest.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def default_output_dir(recipe: str | None) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("outputs") / (recipe or "train") / stamp
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{stamp}-{n}")
+    return out
+
+
+def prepare_output_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber a finished run; on overwrite=true remove only what ftctl wrote."""
+    manifest = read_manifest(out)
+    if resume:
+        if not out.is_dir():
+            raise RunDirError(f"resume: output_dir {out} does not exist")
+        return
+    if manifest is not None or (out / "checkpoints").is_dir():
+        status = (manifest or {}).get("status", "unfinished")
+        if not overwrite:
+            what = "a finished run" if status == "finished" else f"a run ({status})"
+            raise RunDirError(
+                f"output_dir {out} already holds {what}",
+                hint="pass overwrite=true to replace it, resume=true to continue it, or choose another output_dir",
+            )
+        for name in RUN_FILES:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        return r.stdout.strip() or None if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("ftctl", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "hydra-core", "gguf"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+class Metrics:
+    """Append-only metrics.jsonl; on resume, lines after the resumed step are dropped first."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        if resume_step is not None and self.path.is_file():
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+        self._f = open(self.path, "a")
+
+    def log(self, **row) -> None:
+        row.setdefault("time", round(time.time(), 3))
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    return [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]

@@ -1,0 +1,155 @@
+"""Complete-or-absent checkpoints: written into a temporary folder, fsynced, described by a
+``checkpoint.json`` (file sizes and sha256) written last, then renamed into place.
+
+A checkpoint holds the trainable weights, optimizer, scheduler, RNG states and the step; the data
+position follows from the step (see runner.batch_indices), so resume neither skips nor repeats rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+from ..errors import RunDirError
+from ..runs import atomic_write_json, fsync_dir
+
+log = logging.getLogger("ftctl")
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    files = {}
+    for f in sorted(tmp.iterdir()):
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+        files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    atomic_write_json(tmp / "checkpoint.json", {"step": step, "files": files})
+    fsync_dir(tmp)
+    if final.exists():  # a checkpoint of the same step from an earlier, resumed attempt
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_dir(root)
+    _prune(root, keep)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = complete_checkpoints(root, verify=False)
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
+
+
+def is_complete(ckpt: Path, verify: bool = True) -> bool:
+    meta = ckpt / "checkpoint.json"
+    if not meta.is_file():
+        return False
+    try:
+        files = json.loads(meta.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    for name, info in files.items():
+        f = ckpt / name
+        if not f.is_file() or f.stat().st_size != info["bytes"]:
+            return False
+        if verify and _sha256(f) != info["sha256"]:
+            return False
+    return True
+
+
+def complete_checkpoints(root: Path, verify: bool = True) -> list[Path]:
+    if not root.is_dir():
+        return []
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
+    out = []
+    for _, p in steps:
+        if is_complete(p, verify):
+            out.append(p)
+        else:
+            log.warning("skipping incomplete checkpoint %s", p)
+    return out
+
+
+def find_resume(output_dir: Path, resume) -> Path:
+    """The checkpoint that ``resume`` names: true -> newest complete one in output_dir/checkpoints."""
+    if resume is True or str(resume).lower() == "true":
+        found = complete_checkpoints(output_dir / "checkpoints")
+        if not found:
+            raise RunDirError(f"resume=true: no complete checkpoint in {output_dir / 'checkpoints'}")
+        return found[-1]
+    p = Path(str(resume)).expanduser()
+    if not p.is_dir():
+        raise RunDirError(f"resume={resume}: no such checkpoint folder")
+    if not is_complete(p):
+        raise RunDirError(f"resume={resume}: checkpoint is incomplete (no valid checkpoint.json)")
+    return p
+
+
+def load(ckpt: Path, model, optimizer, scheduler) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    unknown = [n for n in weights if n not in params]
+    if missing or unknown:
+        raise RunDirError(f"checkpoint {ckpt} does not match this model/method "
+                          f"({len(missing)} trainable tensors missing, {len(unknown)} unknown)")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=False))
+    set_rng_state(torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=False))
+    return json.loads((ckpt / "state.json").read_text())

@@ -1,0 +1,253 @@
+"""The training loop: set up, loop, evaluate, checkpoint, save. One readable function, driven by
+Accelerate (not the HF Trainer), in the spirit of torchtune's single-device recipes."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .. import __version__
+from ..errors import ConfigError
+from ..runs import (Metrics, atomic_write_json, atomic_write_text, default_output_dir, git_commit,
+                    library_versions, prepare_output_dir)
+
+log = logging.getLogger("ftctl")
+
+
+def batch_indices(n_rows: int, batch_size: int, seed: int, shuffle: bool, micro: int) -> list[int]:
+    """Row indices of global micro-batch number ``micro``. A pure function of the position, so a
+    resumed run sees exactly the batches an uninterrupted run would have seen."""
+    per_epoch = math.ceil(n_rows / batch_size)
+    epoch, k = divmod(micro, per_epoch)
+    order = list(range(n_rows))
+    if shuffle:
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[k * batch_size:(k + 1) * batch_size]
+
+
+def total_steps(tcfg, n_rows: int) -> int:
+    if tcfg.max_steps > 0:
+        return tcfg.max_steps
+    per_epoch = math.ceil(n_rows / tcfg.batch_size)
+    return max(1, math.ceil(tcfg.epochs * per_epoch / tcfg.grad_accum))
+
+
+def _setup_logging(out: Path, debug: bool) -> logging.Handler:
+    handler = logging.FileHandler(out / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    return handler
+
+
+def _validation_loss(model, examples, batch_size, pad_id, device) -> float | None:
+    import torch
+
+    from ..data.tokenize import collate
+
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            out = model(**batch, num_items_in_batch=n)
+            total += float(out.loss) * n
+            count += n
+    if was_training:
+        model.train()
+    return total / max(count, 1)
+
+
+def _save_final(model, tokenizer, out: Path, is_adapter: bool) -> Path:
+    import shutil
+
+    name = "adapter" if is_adapter else "model"
+    final = out / name
+    tmp = out / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return final
+
+
+def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> Path:
+    """Run one training job described by a composed config. Returns the run directory."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from rich.console import Console
+    from transformers import get_scheduler
+
+    from .. import adapters, models
+    from ..data import pipeline
+    from ..data.tokenize import collate
+    from ..progress import TrainProgress
+    from ..registry import ADAPTERS
+    from . import checkpoint
+
+    console = console or Console()
+    t_start = time.time()
+    resume = cfg.resume if isinstance(cfg.resume, bool) else (str(cfg.resume).lower() == "true" or str(cfg.resume))
+    if resume is True and not cfg.output_dir:
+        raise ConfigError("resume=true needs output_dir=<the run to continue>")
+    out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(choices.get("recipe"))
+    prepare_output_dir(out, overwrite=cfg.overwrite, resume=bool(resume))
+    handler = _setup_logging(out, debug)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+
+    mixed = {"auto": None, "fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision.name]
+    if mixed is None:
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    set_seed(cfg.seed)
+    console.print(f"[bold]ftctl train[/] recipe={choices.get('recipe')} model={cfg.model.name} "
+                  f"method={cfg.peft.method} quant={cfg.quant.method} device={device} → {out}", highlight=False)
+
+    # -- model and data
+    model_path = models.resolve(cfg.model.path, cfg.model.revision)
+    tokenizer = models.load_tokenizer(model_path)
+    train_data, val_data, splits = pipeline.build(cfg.data, cfg.template.name, tokenizer)
+    log.info("data %s: %d train rows kept of %d (%d too long dropped, %d truncated, %d without target); "
+             "%d validation rows", cfg.data.path, train_data.kept, train_data.rows, train_data.dropped_too_long,
+             train_data.truncated, train_data.dropped_no_target, val_data.kept)
+    for st, name in ((train_data, "train"), (val_data, "validation")):
+        if st.dropped_too_long or st.truncated or st.dropped_no_target:
+            console.print(f"[yellow]data ({name}):[/] {st.dropped_too_long} rows longer than data.max_length="
+                          f"{cfg.data.max_length} dropped, {st.truncated} truncated, {st.dropped_no_target} "
+                          "without a target dropped", highlight=False)
+    quantized = cfg.quant.method != "none"
+    model = models.load_model(model_path, cfg.model, cfg.quant, device)
+    model = ADAPTERS.get(cfg.peft.method)(model, cfg.peft, quantized=quantized,
+                                          gradient_checkpointing=cfg.trainer.gradient_checkpointing)
+    is_adapter = adapters.is_adapter(model)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    if n_trainable == 0:
+        raise ConfigError(f"peft.method={cfg.peft.method} left no trainable parameters (check peft.target_modules)")
+
+    # -- optimizer and schedule
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.trainer.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.trainer.lr)
+    steps = total_steps(cfg.trainer, train_data.kept)
+    warmup = cfg.trainer.warmup_steps if cfg.trainer.warmup_steps >= 0 else int(cfg.trainer.warmup_ratio * steps)
+    scheduler = get_scheduler(cfg.trainer.scheduler if cfg.trainer.scheduler != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    start_step, tokens_seen = 0, 0
+    if resume:
+        ckpt = checkpoint.find_resume(out, resume)
+        state = checkpoint.load(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
+        start_step, tokens_seen = state["step"], state["tokens_seen"]
+        console.print(f"resumed from {ckpt} at step {start_step}", highlight=False)
+        log.info("resumed from %s at step %d", ckpt, start_step)
+
+    # -- run directory
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    manifest = {
+        "ftctl_version": __version__, "versions": library_versions(), "git_commit": git_commit(),
+        "command": "train", "recipe": choices.get("recipe"), "choices": choices,
+        "model_path": str(model_path), "data_path": cfg.data.path, "data_fingerprint": splits.fingerprint,
+        "seed": cfg.seed, "device": str(device), "mixed_precision": mixed,
+        "train_rows": train_data.kept, "val_rows": val_data.kept, "total_steps": steps,
+        "trainable_params": n_trainable, "total_params": n_total, "adapter": is_adapter,
+        "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    metrics = Metrics(out / "metrics.jsonl", resume_step=start_step if resume else None)
+    console.print(f"{train_data.kept} train rows, {val_data.kept} validation rows, {steps} steps, "
+                  f"{n_trainable:,} trainable of {n_total:,} parameters", highlight=False)
+
+    # -- loop
+    progress = TrainProgress(console, steps, start_step, cfg.trainer.log_every)
+    pad_id = tokenizer.pad_token_id
+    tc = cfg.trainer
+    model.train()
+    last_loss = val_loss = None
+    window_t, window_tokens = time.time(), 0
+    try:
+        for step in range(start_step, steps):
+            micro_batches = [collate([train_data.examples[i] for i in batch_indices(
+                train_data.kept, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j)], pad_id)
+                for j in range(tc.grad_accum)]
+            # normalise by the target tokens of the whole step, so accumulation equals one big batch
+            n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+            step_loss = 0.0
+            for j, batch in enumerate(micro_batches):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                sync = j == len(micro_batches) - 1
+                with nullcontext() if sync else accelerator.no_sync(model):
+                    loss = model(**batch, num_items_in_batch=n_items).loss
+                    accelerator.backward(loss)
+                step_loss += float(loss.detach())
+                window_tokens += int(batch["attention_mask"].sum())
+            grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            last_loss = step_loss
+            tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro_batches)
+            if done % tc.log_every == 0 or done == steps or done == start_step + 1:
+                now = time.time()
+                row = {"step": done, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
+                       "tokens": tokens_seen, "tokens_per_s": window_tokens / max(now - window_t, 1e-9),
+                       "epoch": round(done * tc.grad_accum * tc.batch_size / train_data.kept, 4)}
+                metrics.log(**row)
+                log.info("step %d loss %.4f lr %.3e tok/s %.0f", done, step_loss, row["lr"], row["tokens_per_s"])
+                progress.update(done, row)
+                window_t, window_tokens = now, 0
+            else:
+                progress.update(done, None)
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"loss is {step_loss} at step {done}; stopping (last checkpoint kept)")
+            if (tc.eval_every and done % tc.eval_every == 0) or done == steps:
+                val_loss = _validation_loss(model, val_data.examples[:tc.eval_max_rows], tc.batch_size, pad_id, device)
+                if val_loss is not None:
+                    metrics.log(step=done, val_loss=round(val_loss, 6))
+                    log.info("step %d val_loss %.4f", done, val_loss)
+                    progress.print(f"step {done}: validation loss {val_loss:.4f}")
+            if (tc.save_every and done % tc.save_every == 0) or done == steps:
+                checkpoint.save(out / "checkpoints", done, accelerator.unwrap_model(model), optimizer, scheduler,
+                                {"step": done, "tokens_seen": tokens_seen}, tc.keep_checkpoints)
+    except BaseException as e:
+        progress.close()
+        manifest.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                        error=f"{type(e).__name__}: {e}")
+        atomic_write_json(out / "manifest.json", manifest)
+        metrics.close()
+        log.removeHandler(handler)
+        raise
+    progress.close()
+
+    final = _save_final(accelerator.unwrap_model(model), tokenizer, out, is_adapter)
+    manifest.update(status="finished", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    final_train_loss=last_loss, final_val_loss=val_loss, output=final.name,
+                    wall_time_s=round(time.time() - t_start, 1))
+    atomic_write_json(out / "manifest.json", manifest)
+    metrics.close()
+    console.print(f"[green]done[/] in {time.time() - t_start:.0f}s: {final}", highlight=False)
+    log.info("finished: %s", final)
+    log.removeHandler(handler)
+    handler.close()
+    return out
