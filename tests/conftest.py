@@ -1,0 +1,44 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def run_cli(*args, env=None, cwd=None, timeout=600):
+    """Run the real `ftctl` entry point in a subprocess; returns CompletedProcess (text)."""
+    e = dict(os.environ)
+    e.pop("FTCTL_DEBUG", None)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "ftctl.cli", *map(str, args)], capture_output=True, text=True,
+                          env=e, cwd=cwd or ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path():
+    from ftctl import models
+
+    return models.resolve("builtin:tiny_llama")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_path):
+    from ftctl.models import load_tokenizer
+
+    return load_tokenizer(tiny_model_path)
+
+
+def compose(*overrides):
+    from ftctl.config import compose as _compose
+
+    return _compose("train", list(overrides))
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
