@@ -1,0 +1,99 @@
+"""Training on tiny_llama: loss goes down, exact resume, run-directory rules, checkpoints."""
+import json
+import shutil
+
+import pytest
+from conftest import compose
+from safetensors.torch import load_file
+
+from ftctl.errors import RunDirError
+from ftctl.runs import read_metrics
+from ftctl.train import checkpoint
+from ftctl.train.runner import batch_indices, train
+
+TINY = ["model=tiny_llama", "data.limit=64", "data.max_length=128", "trainer.batch_size=4",
+        "trainer.log_every=1", "trainer.eval_every=0", "trainer.warmup_steps=0"]
+
+
+def _train(out, *extra):
+    cfg, choices = compose(*TINY, f"output_dir={out}", *extra)
+    return train(cfg, choices)
+
+
+@pytest.mark.parametrize("method, lr, drop", [("full", 5e-3, 1.0), ("lora", 3e-2, 0.1)])
+def test_loss_goes_down(tmp_path, method, lr, drop):
+    out = _train(tmp_path / "run", "trainer.max_steps=30", f"trainer.lr={lr}", "trainer.scheduler=constant",
+                 f"peft={method}")
+    losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - drop, (first, last)
+    if method == "full":
+        assert (out / "model" / "config.json").is_file() and not (out / "adapter").exists()
+        return
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["status"] == "finished" and man["model_path"].endswith("tiny-llama-v1")
+    assert man["seed"] == 42 and len(man["data_fingerprint"]) == 64 and man["versions"]["torch"]
+    assert (out / "config.yaml").is_file() and (out / "train.log").is_file()
+    # the adapter is a PEFT folder that peft loads back, with the tokenizer beside it
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(man["model_path"])
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == man["trainable_params"]
+    AutoTokenizer.from_pretrained(out / "adapter")
+
+
+def test_batch_positions_cover_each_epoch_once():
+    n, bs = 10, 4
+    epoch0 = [i for k in range(3) for i in batch_indices(n, bs, 7, True, k)]
+    epoch1 = [i for k in range(3, 6) for i in batch_indices(n, bs, 7, True, k)]
+    assert sorted(epoch0) == list(range(10)) and sorted(epoch1) == list(range(10)) and epoch0 != epoch1
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    steps = ["trainer.max_steps=8", "trainer.save_every=4", "trainer.keep_checkpoints=3", "trainer.lr=5e-3",
+             "trainer.grad_accum=2", "peft.dropout=0.1"]
+    straight = _train(tmp_path / "straight", *steps)
+    # a second run is stopped after step 4: keep only its step-4 checkpoint, then resume in a new process state
+    half = tmp_path / "half"
+    shutil.copytree(straight, half)
+    shutil.rmtree(half / "adapter")
+    shutil.rmtree(half / "checkpoints" / "step-000008")
+    _train(half, *steps, "resume=true")
+    a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(half / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() < 1e-6, k
+    # the metrics of the resumed run continue the first half without repeating steps
+    steps_logged = [m["step"] for m in read_metrics(half) if "loss" in m]
+    assert steps_logged == list(range(1, 9))
+    # and a resume from a named checkpoint works the same way
+    ck = straight / "checkpoints" / "step-000004"
+    assert checkpoint.is_complete(ck)
+
+
+def test_finished_run_is_not_overwritten(tmp_path):
+    out = _train(tmp_path / "run", "trainer.max_steps=1")
+    (out / "my_notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="already holds a finished run"):
+        _train(out, "trainer.max_steps=1")
+    _train(out, "trainer.max_steps=1", "overwrite=true")
+    assert (out / "my_notes.txt").read_text() == "mine"  # never deletes what it did not create
+
+
+def test_incomplete_checkpoint_is_skipped(tmp_path):
+    out = _train(tmp_path / "run", "trainer.max_steps=4", "trainer.save_every=2", "trainer.keep_checkpoints=2")
+    ck = out / "checkpoints"
+    assert [p.name for p in checkpoint.complete_checkpoints(ck)] == ["step-000002", "step-000004"]
+    # a checkpoint whose file was cut short (a crash in the middle of a save) is not used
+    f = ck / "step-000004" / "optimizer.pt"
+    f.write_bytes(f.read_bytes()[:100])
+    assert checkpoint.find_resume(out, True).name == "step-000002"
+    # a half-written temporary folder is ignored too
+    (ck / ".tmp-step-000006-1").mkdir()
+    assert checkpoint.find_resume(out, True).name == "step-000002"
+    with pytest.raises(RunDirError, match="incomplete"):
+        checkpoint.find_resume(out, str(ck / "step-000004"))
