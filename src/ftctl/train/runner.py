@@ -134,6 +134,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                           "without a target dropped", highlight=False)
     quantized = cfg.quant.method != "none"
     model = models.load_model(model_path, cfg.model, cfg.quant, device)
+    base_bytes = model.get_memory_footprint()
     model = ADAPTERS.get(cfg.peft.method)(model, cfg.peft, quantized=quantized,
                                           gradient_checkpointing=cfg.trainer.gradient_checkpointing)
     is_adapter = adapters.is_adapter(model)
@@ -169,7 +170,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
         "model_path": str(model_path), "data_path": cfg.data.path, "data_fingerprint": splits.fingerprint,
         "seed": cfg.seed, "device": str(device), "mixed_precision": mixed,
         "train_rows": train_data.kept, "val_rows": val_data.kept, "total_steps": steps,
-        "trainable_params": n_trainable, "total_params": n_total, "adapter": is_adapter,
+        "trainable_params": n_trainable, "total_params": n_total, "base_memory_bytes": base_bytes, "adapter": is_adapter,
         "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_json(out / "manifest.json", manifest)

@@ -1,0 +1,64 @@
+"""Resolving model.path: builtin, local folder, hub id from a local hub cache, uncached offline."""
+import json
+
+import pytest
+from conftest import run_cli
+
+from ftctl import models
+from ftctl.errors import ModelNotFoundError
+
+
+def test_local_folder_and_missing_folder(tmp_path, tiny_model_path):
+    assert models.resolve(str(tiny_model_path)) == tiny_model_path.resolve()
+    with pytest.raises(ModelNotFoundError, match="no such model folder"):
+        models.resolve(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        models.resolve(str(tmp_path / "empty"))
+
+
+def _fake_hub_cache(root, repo_id, files):
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<rev>/...}."""
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    d = root / ("models--" + repo_id.replace("/", "--"))
+    (d / "refs").mkdir(parents=True)
+    (d / "refs" / "main").write_text(rev)
+    snap = d / "snapshots" / rev
+    snap.mkdir(parents=True)
+    for name, src in files.items():
+        (snap / name).write_bytes(src.read_bytes())
+    return snap
+
+
+def test_hub_id_resolves_from_local_cache_offline(tmp_path, tiny_model_path):
+    snap = _fake_hub_cache(tmp_path / "hub", "someorg/tiny-model",
+                           {f.name: f for f in tiny_model_path.iterdir() if f.is_file()})
+    code = ("from ftctl import models; from ftctl.models import load_tokenizer; "
+            "p = models.resolve('someorg/tiny-model'); print(p); load_tokenizer(p)")
+    import subprocess
+    import sys
+    import os
+
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(snap)
+
+
+def test_uncached_hub_id_offline_says_how_to_fix(tmp_path):
+    r = run_cli("train", "model=llama3_1_8b", f"output_dir={tmp_path / 'run'}",
+                env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-hub")})
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert "meta-llama/Llama-3.1-8B-Instruct" in lines[0] and "not in the local Hugging Face cache" in lines[0]
+    assert "model.path=/path/to/folder" in lines[0]
+
+
+def test_embedded_model_is_a_plain_safetensors_folder():
+    path = models.resolve("builtin:smollm2_135m")
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and "quantization_config" not in cfg
+    assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    tok = models.load_tokenizer(path)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token_id is not None
