@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(FTCTL) train recipe=lora_smollm2 output_dir=$(DEMO_DIR) overwrite=true
-	$(FTCTL) eval exact_match rougeL run=$(DEMO_DIR) compare=base
+	$(FTCTL) eval exact_match rougeL run=$(DEMO_DIR) compare=base max_new_tokens=16
 
 test: setup
 	$(PY) -m pytest -q

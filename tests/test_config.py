@@ -13,7 +13,7 @@ def test_recipe_picks_group_options_and_values():
     assert cfg.quant.method == "nf4" and cfg.peft.method == "lora"
     assert cfg.peft.target_modules == "all-linear"
     assert cfg.model.path == "builtin:smollm2_135m"
-    assert cfg.trainer.max_steps == 150
+    assert cfg.trainer.max_steps == 60 and cfg.trainer.batch_size == 8
 
 
 def test_overrides_win_over_recipe():

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 def test_qlora_llama_recipe_end_to_end(tmp_path):
     out = tmp_path / "qlora"
     r = run_cli("train", "recipe=qlora_llama", "trainer.max_steps=3", "trainer.batch_size=2", "data.limit=40",
-                "trainer.eval_every=0", "trainer.eval_max_rows=4", f"output_dir={out}")
+                "trainer.eval_every=0", "trainer.eval_max_rows=4", "trainer.log_every=1", f"output_dir={out}")
     assert r.returncode == 0, r.stderr[-3000:]
     man = json.loads((out / "manifest.json").read_text())
     assert man["status"] == "finished" and man["recipe"] == "qlora_llama"

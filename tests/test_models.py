@@ -51,6 +51,7 @@ def test_uncached_hub_id_offline_says_how_to_fix(tmp_path):
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()  # bad input leaves no half-made run directory
     assert "meta-llama/Llama-3.1-8B-Instruct" in lines[0] and "not in the local Hugging Face cache" in lines[0]
     assert "model.path=/path/to/folder" in lines[0]
 

@@ -30,7 +30,8 @@ options:
 def _console():
     from rich.console import Console
 
-    return Console()
+    # soft_wrap: long lines are not broken at 80 columns when stdout is a file or a CI log
+    return Console(soft_wrap=True)
 
 
 def _err(msg: str) -> None:
@@ -154,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     from .errors import FtctlError
+
+    if not debug:  # libraries' deprecation notices are for ftctl's developers, not its users
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
 
     try:
         if cmd == "train":

@@ -75,8 +75,9 @@ def default_output_dir(recipe: str | None) -> Path:
     return out
 
 
-def prepare_output_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber a finished run; on overwrite=true remove only what ftctl wrote."""
+def prepare_output_dir(out: Path, *, overwrite: bool, resume: bool, dry_run: bool = False) -> None:
+    """Refuse to clobber a finished run; on overwrite=true remove only what ftctl wrote.
+    ``dry_run`` only checks, so a refusal comes before any slow work."""
     manifest = read_manifest(out)
     if resume:
         if not out.is_dir():
@@ -90,13 +91,16 @@ def prepare_output_dir(out: Path, *, overwrite: bool, resume: bool) -> None:
                 f"output_dir {out} already holds {what}",
                 hint="pass overwrite=true to replace it, resume=true to continue it, or choose another output_dir",
             )
+        if dry_run:
+            return
         for name in RUN_FILES:
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if not dry_run:
+        out.mkdir(parents=True, exist_ok=True)
 
 
 def git_commit(cwd: Path | None = None) -> str | None:

@@ -100,14 +100,13 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     from ..registry import ADAPTERS
     from . import checkpoint
 
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     t_start = time.time()
     resume = cfg.resume if isinstance(cfg.resume, bool) else (str(cfg.resume).lower() == "true" or str(cfg.resume))
     if resume is True and not cfg.output_dir:
         raise ConfigError("resume=true needs output_dir=<the run to continue>")
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(choices.get("recipe"))
-    prepare_output_dir(out, overwrite=cfg.overwrite, resume=bool(resume))
-    handler = _setup_logging(out, debug)
+    prepare_output_dir(out, overwrite=cfg.overwrite, resume=bool(resume), dry_run=True)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
 
@@ -120,10 +119,12 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     console.print(f"[bold]ftctl train[/] recipe={choices.get('recipe')} model={cfg.model.name} "
                   f"method={cfg.peft.method} quant={cfg.quant.method} device={device} → {out}", highlight=False)
 
-    # -- model and data
+    # -- model and data: resolved before the run directory is touched, so bad input leaves nothing behind
     model_path = models.resolve(cfg.model.path, cfg.model.revision)
     tokenizer = models.load_tokenizer(model_path)
     train_data, val_data, splits = pipeline.build(cfg.data, cfg.template.name, tokenizer)
+    prepare_output_dir(out, overwrite=cfg.overwrite, resume=bool(resume))
+    handler = _setup_logging(out, debug)
     log.info("data %s: %d train rows kept of %d (%d too long dropped, %d truncated, %d without target); "
              "%d validation rows", cfg.data.path, train_data.kept, train_data.rows, train_data.dropped_too_long,
              train_data.truncated, train_data.dropped_no_target, val_data.kept)
