@@ -116,3 +116,16 @@ def test_sources_errors_name_file_and_line(tmp_path):
     bad.write_text('{"instruction": "a", "output": "b"}\n{not json}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
         read_rows(str(bad))
+
+
+def test_cli_data_errors_exit_2_and_leave_no_run(tmp_path):
+    from conftest import run_cli
+
+    bad = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "no output"}])
+    for path, expect in ((tmp_path / "missing.jsonl", "no such file"), (bad, "no string field 'output'")):
+        out = tmp_path / "run"
+        r = run_cli("train", "model=tiny_llama", "data=alpaca_file", f"data.path={path}", f"output_dir={out}")
+        assert r.returncode == 2 and expect in r.stderr and str(path) in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+    r = run_cli("train", "data=alpaca_file")
+    assert r.returncode == 2 and "data.path: required but not set" in r.stderr

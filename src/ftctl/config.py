@@ -276,7 +276,8 @@ def _one_line(exc: BaseException, files: list[Path]) -> str:
     m = re.search(r"Could not find '([^']+)'", msg)
     if m:
         group = m.group(1).split("/")[0]
-        opts = re.findall(r"^\t(\S+)", msg, re.M)
+        listing = msg.split("Available options", 1)[-1].split("Config search path", 1)[0] if "Available options" in msg else ""
+        opts = re.findall(r"^\t(\S+)", listing, re.M)
         return f"{m.group(1).replace('/', '=', 1)}: no such option for '{group}'" + (
             f"; available: {', '.join(opts)}" if opts else ""
         )
@@ -336,6 +337,9 @@ def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
     from . import registry
 
     files = list(files)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: required but not set (e.g. {missing[0]}=...)")
     _allowed(cfg, "peft.method", registry.ADAPTERS.names(), files)
     _allowed(cfg, "quant.method", registry.QUANT.names(), files)
     _allowed(cfg, "template.name", registry.TEMPLATES.names(), files)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from .errors import ModelNotFoundError
@@ -74,7 +75,9 @@ def smollm2_135m() -> Path:
 
         _quiet_transformers()
         gguf = smollm2_gguf_file()
-        log.info("converting the embedded model %s into %s (once)", gguf, target)
+        msg = f"converting the embedded model {gguf.name} into {target} (once, about 30 s)"
+        log.info(msg)
+        print(f"ftctl: {msg}", file=sys.stderr, flush=True)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         config = src.config

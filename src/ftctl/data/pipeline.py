@@ -45,7 +45,11 @@ def render(rows: list[dict], template_name: str, where: str) -> list[tuple[str, 
         try:
             out.append(tpl(row))
         except DataError as e:
-            raise DataError(f"{where}: row {i}: {e.message}") from None
+            import json
+
+            snippet = json.dumps(row, ensure_ascii=False)
+            snippet = snippet if len(snippet) <= 80 else snippet[:77] + "..."
+            raise DataError(f"{where}: row {snippet}: {e.message}") from None
     return out
 
 

@@ -40,6 +40,18 @@ def total_steps(tcfg, n_rows: int) -> int:
     return max(1, math.ceil(tcfg.epochs * per_epoch / tcfg.grad_accum))
 
 
+def _resume_arg(value) -> bool | str:
+    """resume=true|false, or a checkpoint path."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    if text.lower() in ("true", "yes", "1"):
+        return True
+    if text.lower() in ("false", "no", "0", ""):
+        return False
+    return text
+
+
 def _setup_logging(out: Path, debug: bool) -> logging.Handler:
     handler = logging.FileHandler(out / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -102,7 +114,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
 
     console = console or Console(soft_wrap=True)
     t_start = time.time()
-    resume = cfg.resume if isinstance(cfg.resume, bool) else (str(cfg.resume).lower() == "true" or str(cfg.resume))
+    resume = _resume_arg(cfg.resume)
     if resume is True and not cfg.output_dir:
         raise ConfigError("resume=true needs output_dir=<the run to continue>")
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(choices.get("recipe"))
@@ -116,8 +128,6 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
     device = accelerator.device
     set_seed(cfg.seed)
-    console.print(f"[bold]ftctl train[/] recipe={choices.get('recipe')} model={cfg.model.name} "
-                  f"method={cfg.peft.method} quant={cfg.quant.method} device={device} → {out}", highlight=False)
 
     # -- model and data: resolved before the run directory is touched, so bad input leaves nothing behind
     model_path = models.resolve(cfg.model.path, cfg.model.revision)
@@ -125,6 +135,8 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     train_data, val_data, splits = pipeline.build(cfg.data, cfg.template.name, tokenizer)
     prepare_output_dir(out, overwrite=cfg.overwrite, resume=bool(resume))
     handler = _setup_logging(out, debug)
+    console.print(f"[bold]ftctl train[/] recipe={choices.get('recipe', '-')} model={cfg.model.name} "
+                  f"method={cfg.peft.method} quant={cfg.quant.method} device={device} → {out}", highlight=False)
     log.info("data %s: %d train rows kept of %d (%d too long dropped, %d truncated, %d without target); "
              "%d validation rows", cfg.data.path, train_data.kept, train_data.rows, train_data.dropped_too_long,
              train_data.truncated, train_data.dropped_no_target, val_data.kept)
