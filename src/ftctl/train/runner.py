@@ -119,6 +119,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
         raise ConfigError("resume=true needs output_dir=<the run to continue>")
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(choices.get("recipe"))
     prepare_output_dir(out, overwrite=cfg.overwrite, resume=bool(resume), dry_run=True)
+    ckpt = checkpoint.find_resume(out, resume) if resume else None  # before any slow work
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
 
@@ -168,8 +169,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                               optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     start_step, tokens_seen = 0, 0
-    if resume:
-        ckpt = checkpoint.find_resume(out, resume)
+    if ckpt is not None:
         state = checkpoint.load(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
         console.print(f"resumed from {ckpt} at step {start_step}", highlight=False)
