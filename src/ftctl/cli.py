@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     from .errors import FtctlError
 
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # no telemetry; the hub is contacted only for a hub id
+
     if not debug:  # libraries' deprecation notices are for ftctl's developers, not its users
         import warnings
 

@@ -101,6 +101,9 @@ class TrainerConfig:
     log_every: int = 10
     gradient_checkpointing: bool = False
     num_threads: Optional[int] = None  # torch threads; null = all cores
+    # a NaN/Inf loss or gradient: stop (default; the update is not applied, the last good checkpoint
+    # stays) | skip (drop that step's update and go on; skipped steps are counted in metrics.jsonl)
+    on_nan: str = "stop"
 
 
 @dataclass
@@ -284,6 +287,9 @@ def _one_line(exc: BaseException, files: list[Path]) -> str:
     m = re.search(r"Key '([^']+)' not in '(\w+)'", text)
     if m:
         fk = full_key or m.group(1)
+        if m.group(1) in ("_target_", "_partial_", "_args_"):
+            return (f"{_locate(fk, files)}{fk}: refused; ftctl does not instantiate classes named in configs "
+                    "(choose methods by name, e.g. peft.method=lora)")
         return f"{_locate(fk, files)}unknown key '{fk}' (not in {m.group(2)})"
     if full_key:
         return f"{_locate(full_key, files)}{full_key}: {first}"
@@ -333,10 +339,25 @@ def _positive(cfg: DictConfig, key: str, files, strict: bool = True) -> None:
         raise ConfigError(f"{_locate(key, files)}{key}={value!r} must be {'> 0' if strict else '>= 0'}")
 
 
+def _refuse_targets(node, where: str, files) -> None:
+    """ftctl never instantiates classes named in a config: a ``_target_`` key is refused wherever it is."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            key = f"{where}.{k}" if where else str(k)
+            if k in ("_target_", "_partial_", "_args_"):
+                raise ConfigError(f"{_locate(key, files)}{key}: refused; ftctl does not instantiate classes named "
+                                  "in configs (choose methods by name, e.g. peft.method=lora)")
+            _refuse_targets(v, key, files)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _refuse_targets(v, f"{where}[{i}]", files)
+
+
 def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
     from . import registry
 
     files = list(files)
+    _refuse_targets(OmegaConf.to_container(cfg, resolve=False), "", files)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{', '.join(missing)}: required but not set (e.g. {missing[0]}=...)")
@@ -349,6 +370,7 @@ def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
     _allowed(cfg, "trainer.scheduler", ("cosine", "linear", "constant"), files)
     _allowed(cfg, "trainer.optimizer", ("adamw",), files)
     _allowed(cfg, "data.truncation", ("drop", "truncate", "error"), files)
+    _allowed(cfg, "trainer.on_nan", ("stop", "skip"), files)
     _allowed(cfg, "distributed.strategy", ("single",), files)
     for key in ("trainer.batch_size", "trainer.grad_accum", "trainer.lr", "data.max_length",
                 "peft.r", "peft.alpha", "trainer.log_every", "trainer.keep_checkpoints"):

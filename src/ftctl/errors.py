@@ -38,3 +38,15 @@ class RunDirError(FtctlError):
     """The output directory would be overwritten, or a run/checkpoint directory is incomplete."""
 
     exit_code = 2
+
+
+class NonFiniteError(FtctlError):
+    """A NaN/Inf loss, gradient or weight; training stopped with the last good checkpoint kept."""
+
+    exit_code = 3
+
+
+class Preempted(FtctlError):
+    """SIGTERM/SIGINT arrived; a resumable checkpoint was saved at a step boundary (EX_TEMPFAIL)."""
+
+    exit_code = 75

@@ -218,6 +218,9 @@ def load_model(folder: Path, model_cfg, quant_cfg, device):
     dtype = torch_dtype(model_cfg.dtype, device.type)
     compute = torch_dtype(quant_cfg.compute_dtype, device.type)
     qconf = QUANT.get(quant_cfg.method)(quant_cfg, compute)
+    if model_cfg.trust_remote_code:
+        print(f"ftctl: warning: model.trust_remote_code=true runs Python code shipped with {folder}; "
+              "use it only for models whose code you trust", file=sys.stderr)
     kwargs = {"dtype": dtype, "trust_remote_code": model_cfg.trust_remote_code}
     if qconf is not None:
         kwargs.update(quantization_config=qconf, device_map={"": device})

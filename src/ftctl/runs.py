@@ -80,8 +80,8 @@ def prepare_output_dir(out: Path, *, overwrite: bool, resume: bool, dry_run: boo
     ``dry_run`` only checks, so a refusal comes before any slow work."""
     manifest = read_manifest(out)
     if resume:
-        if not out.is_dir():
-            raise RunDirError(f"resume: output_dir {out} does not exist")
+        if not dry_run:
+            _mkdir(out)
         return
     if manifest is not None or (out / "checkpoints").is_dir():
         status = (manifest or {}).get("status", "unfinished")
@@ -100,7 +100,17 @@ def prepare_output_dir(out: Path, *, overwrite: bool, resume: bool, dry_run: boo
             elif p.exists():
                 p.unlink()
     if not dry_run:
+        _mkdir(out)
+
+
+def _mkdir(out: Path) -> None:
+    try:
         out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".ftctl-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"output_dir {out}: cannot write there ({e.strerror or e})") from e
 
 
 def git_commit(cwd: Path | None = None) -> str | None:

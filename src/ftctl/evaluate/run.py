@@ -3,6 +3,7 @@ score, print a table, and write eval/<name>.json and eval/<name>.predictions.jso
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,8 @@ def run_eval(ecfg: EvalConfig, console=None) -> dict:
     if not ecfg.metrics:
         raise ConfigError(f"ftctl eval needs at least one metric; available: {', '.join(METRICS.names())}")
     fns = {m: METRICS.get(m) for m in ecfg.metrics}
+    if ecfg.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", ecfg.name):
+        raise ConfigError(f"name={ecfg.name!r}: use letters, digits, '.', '_' and '-' only (it names files in eval/)")
     run = Path(ecfg.run)
     manifest = read_manifest(run)
     if manifest is None or not (run / "config.yaml").is_file():

@@ -13,9 +13,10 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
-from ..errors import RunDirError
+from ..errors import NonFiniteError, RunDirError
 from ..runs import atomic_write_json, fsync_dir
 
 log = logging.getLogger("ftctl")
@@ -35,10 +36,15 @@ def trainable_state(model) -> dict:
 
 
 def rng_state() -> dict:
+    """Every RNG's state as tensors, lists and numbers only, so it loads with ``weights_only=True``."""
     import numpy as np
     import torch
 
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": [version, list(mt), gauss],
+          "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -48,23 +54,50 @@ def set_rng_state(st: dict) -> None:
     import numpy as np
     import torch
 
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    version, mt, gauss = st["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+def assert_finite(weights: dict, what: str) -> None:
+    """Weights with NaN/Inf are never saved; the last good checkpoint stays the newest."""
     import torch
-    from safetensors.torch import save_file
 
+    bad = [n for n, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteError(f"not saving {what}: {len(bad)} trainable tensors hold NaN/Inf (e.g. {bad[0]})")
+
+
+def save(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    weights = trainable_state(model)
+    assert_finite(weights, f"step {step}")
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    try:
+        _write(tmp, weights, optimizer, scheduler, state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # a checkpoint of the same step from an earlier, resumed attempt
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_dir(root)
+    _prune(root, keep)
+    return final
+
+
+def _write(tmp: Path, weights, optimizer, scheduler, state: dict) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file(weights, str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
@@ -74,20 +107,21 @@ def save(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: 
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
         files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-    atomic_write_json(tmp / "checkpoint.json", {"step": step, "files": files})
+    atomic_write_json(tmp / "checkpoint.json", {"step": state["step"], "files": files})
     fsync_dir(tmp)
-    if final.exists():  # a checkpoint of the same step from an earlier, resumed attempt
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync_dir(root)
-    _prune(root, keep)
-    return final
 
 
 def _prune(root: Path, keep: int) -> None:
-    done = complete_checkpoints(root, verify=False)
+    """Keep the newest ``keep`` complete checkpoints; remove older ones, and the debris that a killed
+    save or prune left (ftctl's own step-*/.tmp-step-* folders only)."""
+    done = complete_checkpoints(root, verify=False, quiet=True)
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
+    newest = done[-1] if done else None
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if p.name.startswith(".tmp-step-") or (m and newest and p not in done and p.name < newest.name):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def is_complete(ckpt: Path, verify: bool = True) -> bool:
@@ -107,7 +141,7 @@ def is_complete(ckpt: Path, verify: bool = True) -> bool:
     return True
 
 
-def complete_checkpoints(root: Path, verify: bool = True) -> list[Path]:
+def complete_checkpoints(root: Path, verify: bool = True, quiet: bool = False) -> list[Path]:
     if not root.is_dir():
         return []
     steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
@@ -115,18 +149,19 @@ def complete_checkpoints(root: Path, verify: bool = True) -> list[Path]:
     for _, p in steps:
         if is_complete(p, verify):
             out.append(p)
-        else:
+        elif not quiet:
             log.warning("skipping incomplete checkpoint %s", p)
+            print(f"ftctl: skipping incomplete checkpoint {p}", file=sys.stderr)
     return out
 
 
-def find_resume(output_dir: Path, resume) -> Path:
-    """The checkpoint that ``resume`` names: true -> newest complete one in output_dir/checkpoints."""
+def find_resume(output_dir: Path, resume) -> Path | None:
+    """The checkpoint that ``resume`` names: true -> the newest complete one in output_dir/checkpoints,
+    or None when there is none yet (the run starts from step 0; the same command can be re-run after
+    every preemption)."""
     if resume is True or str(resume).lower() == "true":
         found = complete_checkpoints(output_dir / "checkpoints")
-        if not found:
-            raise RunDirError(f"resume=true: no complete checkpoint in {output_dir / 'checkpoints'}")
-        return found[-1]
+        return found[-1] if found else None
     p = Path(str(resume)).expanduser()
     if not p.is_dir():
         raise RunDirError(f"resume={resume}: no such checkpoint folder")
@@ -143,13 +178,24 @@ def load(ckpt: Path, model, optimizer, scheduler) -> dict:
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     unknown = [n for n in weights if n not in params]
-    if missing or unknown:
-        raise RunDirError(f"checkpoint {ckpt} does not match this model/method "
-                          f"({len(missing)} trainable tensors missing, {len(unknown)} unknown)")
+    shape = [n for n, t in weights.items() if n in params and tuple(t.shape) != tuple(params[n].shape)]
+    if missing or unknown or shape:
+        raise RunDirError(f"checkpoint {ckpt} does not match this model/method ({len(missing)} trainable tensors "
+                          f"missing, {len(unknown)} unknown, {len(shape)} of another shape"
+                          + (f", e.g. {shape[0]}" if shape else "") + ")")
+    import pickle
+
+    try:
+        opt_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        sched_state = torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True)
+        rng = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise RunDirError(f"checkpoint {ckpt}: refusing to load pickled objects other than tensors and plain "
+                          f"data ({str(e).splitlines()[0][:200]})") from e
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t.to(params[n].device, params[n].dtype))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=False))
-    set_rng_state(torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=False))
+    optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict(sched_state)
+    set_rng_state(rng)
     return json.loads((ckpt / "state.json").read_text())

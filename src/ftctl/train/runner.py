@@ -7,6 +7,9 @@ import logging
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
@@ -15,11 +18,42 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .. import __version__
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError, Preempted
 from ..runs import (Metrics, atomic_write_json, atomic_write_text, default_output_dir, git_commit,
                     library_versions, prepare_output_dir)
 
 log = logging.getLogger("ftctl")
+
+
+class StopFlag:
+    """SIGTERM/SIGINT handlers that only set a flag; the loop saves and exits at the next step boundary.
+    A second signal stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nftctl: got {signal.Signals(signum).name}; saving a checkpoint at the end of this step "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+def _resume_command(out: Path) -> str:
+    args = [a for a in sys.argv[1:] if not a.startswith(("resume=", "output_dir=", "overwrite="))]
+    return " ".join(["ftctl", *args, f"output_dir={out}", "resume=true"])
 
 
 def batch_indices(n_rows: int, batch_size: int, seed: int, shuffle: bool, micro: int) -> list[int]:
@@ -84,6 +118,10 @@ def _validation_loss(model, examples, batch_size, pad_id, device) -> float | Non
 
 def _save_final(model, tokenizer, out: Path, is_adapter: bool) -> Path:
     import shutil
+
+    from .checkpoint import assert_finite, trainable_state
+
+    assert_finite(trainable_state(model), "the final weights")
 
     name = "adapter" if is_adapter else "model"
     final = out / name
@@ -168,10 +206,14 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     scheduler = get_scheduler(cfg.trainer.scheduler if cfg.trainer.scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    start_step, tokens_seen = 0, 0
+    start_step, tokens_seen, skipped = 0, 0, 0
+    if resume and ckpt is None:
+        console.print(f"resume=true: no complete checkpoint in {out / 'checkpoints'} yet; starting at step 0",
+                      highlight=False)
     if ckpt is not None:
         state = checkpoint.load(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
+        skipped = state.get("skipped_steps", 0)
         console.print(f"resumed from {ckpt} at step {start_step}", highlight=False)
         log.info("resumed from %s at step %d", ckpt, start_step)
 
@@ -198,7 +240,9 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     model.train()
     last_loss = val_loss = None
     window_t, window_tokens = time.time(), 0
+    stop = StopFlag()
     try:
+        stop.__enter__()
         for step in range(start_step, steps):
             micro_batches = [collate([train_data.examples[i] for i in batch_indices(
                 train_data.kept, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j)], pad_id)
@@ -215,10 +259,22 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                 step_loss += float(loss.detach())
                 window_tokens += int(batch["attention_mask"].sum())
             grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else None
-            optimizer.step()
+            done = step + 1
+            finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(float(grad_norm))) and (
+                grad_norm is not None or all(torch.isfinite(p.grad).all() for p in params if p.grad is not None))
+            if finite:
+                optimizer.step()
+            elif tc.on_nan == "stop":
+                rows = [i for j in range(tc.grad_accum) for i in batch_indices(
+                    train_data.kept, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j)]
+                raise NonFiniteError(
+                    f"non-finite loss/gradient at step {done} (loss {step_loss}, training rows {rows}); the update "
+                    "was not applied and the last good checkpoint is kept (trainer.on_nan=skip goes on instead)")
+            else:
+                skipped += 1
+                log.warning("step %d: non-finite loss/gradient (loss %s); update skipped", done, step_loss)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            done = step + 1
             last_loss = step_loss
             tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro_batches)
             if done % tc.log_every == 0 or done == steps or done == start_step + 1:
@@ -226,32 +282,37 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                 row = {"step": done, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
                        "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
                        "tokens": tokens_seen, "tokens_per_s": window_tokens / max(now - window_t, 1e-9),
-                       "epoch": round(done * tc.grad_accum * tc.batch_size / train_data.kept, 4)}
+                       "epoch": round(done * tc.grad_accum * tc.batch_size / train_data.kept, 4),
+                       "skipped_steps": skipped}
                 metrics.log(**row)
                 log.info("step %d loss %.4f lr %.3e tok/s %.0f", done, step_loss, row["lr"], row["tokens_per_s"])
                 progress.update(done, row)
                 window_t, window_tokens = now, 0
             else:
                 progress.update(done, None)
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"loss is {step_loss} at step {done}; stopping (last checkpoint kept)")
             if (tc.eval_every and done % tc.eval_every == 0) or done == steps:
                 val_loss = _validation_loss(model, val_data.examples[:tc.eval_max_rows], tc.batch_size, pad_id, device)
                 if val_loss is not None:
                     metrics.log(step=done, val_loss=round(val_loss, 6))
                     log.info("step %d val_loss %.4f", done, val_loss)
                     progress.print(f"step {done}: validation loss {val_loss:.4f}")
-            if (tc.save_every and done % tc.save_every == 0) or done == steps:
+            if (tc.save_every and done % tc.save_every == 0) or done == steps or stop.signum is not None:
                 checkpoint.save(out / "checkpoints", done, accelerator.unwrap_model(model), optimizer, scheduler,
-                                {"step": done, "tokens_seen": tokens_seen}, tc.keep_checkpoints)
+                                {"step": done, "tokens_seen": tokens_seen, "skipped_steps": skipped},
+                                tc.keep_checkpoints)
+            if stop.signum is not None and done < steps:
+                raise Preempted(f"stopped by {signal.Signals(stop.signum).name} at step {done}/{steps} with a "
+                                f"checkpoint saved; resume with: {_resume_command(out)}")
     except BaseException as e:
+        stop.__exit__()
         progress.close()
-        manifest.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                        error=f"{type(e).__name__}: {e}")
+        status = {KeyboardInterrupt: "interrupted", Preempted: "preempted"}.get(type(e), "failed")
+        manifest.update(status=status, error=f"{type(e).__name__}: {e}")
         atomic_write_json(out / "manifest.json", manifest)
         metrics.close()
         log.removeHandler(handler)
         raise
+    stop.__exit__()
     progress.close()
 
     final = _save_final(accelerator.unwrap_model(model), tokenizer, out, is_adapter)
