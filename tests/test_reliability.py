@@ -20,7 +20,7 @@ from ftctl.train.runner import train
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
 ARGS = ["model=tiny_llama", "data.limit=64", "data.max_length=128", "trainer.batch_size=4", "trainer.grad_accum=2",
-        "trainer.max_steps=60", "trainer.save_every=1", "trainer.keep_checkpoints=2", "trainer.eval_every=0",
+        "trainer.max_steps=120", "trainer.save_every=1", "trainer.keep_checkpoints=2", "trainer.eval_every=0",
         "trainer.log_every=1", "trainer.lr=5e-3", "peft.dropout=0.1", "peft.r=32", "trainer.warmup_steps=5"]
 
 
@@ -53,51 +53,70 @@ def reference(tmp_path_factory):
     return out, first_step, total
 
 
-def _interrupt_until_done(out, sig, times, reference, seed):
+def _wait_for_save(p, ck, timeout=120):
+    """Return as soon as a checkpoint save is under way (its temporary folder exists)."""
+    end = time.time() + timeout
+    while time.time() < end and p.poll() is None:
+        if ck.is_dir() and any(e.name.startswith(".tmp-step-") for e in os.scandir(ck)):
+            return
+        time.sleep(0.0005)
+
+
+def _interrupt_until_done(out, sig, times, reference, seed, after_start=False, in_save_every=0):
+    """Start `resume=true` runs and signal them until ``times`` signals were sent, then let one finish.
+    Moments are random (start-up, steps, saves, the final save); every ``in_save_every``-th signal is
+    sent while a checkpoint is being written."""
     _, first_step, total = reference
     rng = random.Random(seed)
     sent, mid_save, exit_codes = 0, 0, []
-    for attempt in range(times * 4):
+    ck = out / "checkpoints"
+    for _ in range(times * 4):
         p = _popen(out, "resume=true")
         if sent < times:
-            # anywhere: start-up, training steps, checkpoint saves, the final save
-            delay = rng.uniform(0.5 * first_step, first_step + 0.25 * (total - first_step))
-            try:
-                p.communicate(timeout=delay)
-            except subprocess.TimeoutExpired:
+            if in_save_every and sent % in_save_every == in_save_every - 1:
+                _wait_for_save(p, ck)
+            else:
+                # up to half the run's steps go by in all the attempts together, so every signal lands
+                # before the end: in start-up, in a step, in a save
+                low = first_step if after_start else 0.6 * first_step
+                try:
+                    p.communicate(timeout=rng.uniform(low, first_step + (total - first_step) / (2 * times)))
+                except subprocess.TimeoutExpired:
+                    pass
+            if p.poll() is None:
                 p.send_signal(sig)
+                sent += 1
                 try:
                     p.communicate(timeout=120)
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.communicate()
-                sent += 1
                 exit_codes.append(p.returncode)
-                ck = out / "checkpoints"
                 if ck.is_dir() and any(x.name.startswith(".tmp-step-") for x in ck.iterdir()):
                     mid_save += 1
                 continue
-        else:
-            p.communicate(timeout=600)
-        if p.returncode == 0 and json.loads((out / "manifest.json").read_text())["status"] == "finished":
-            if sent >= times:
-                return sent, mid_save, exit_codes
+        p.communicate(timeout=600)
+        assert p.returncode == 0, p.returncode
+        if sent >= times:
+            assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
+            return sent, mid_save, exit_codes
     raise AssertionError(f"run did not finish after {sent} signals")
 
 
 def test_sigkill_anywhere_then_resume_gives_the_same_adapter(tmp_path, reference):
     out = tmp_path / "killed"
-    kills, mid_save, codes = _interrupt_until_done(out, signal.SIGKILL, 20, reference, seed=1)
-    assert kills >= 20 and all(c == -signal.SIGKILL for c in codes)
+    kills, mid_save, codes = _interrupt_until_done(out, signal.SIGKILL, 20, reference, seed=1, in_save_every=4)
+    assert kills >= 20 and codes.count(-signal.SIGKILL) == kills
     print(f"\n{kills} SIGKILLs, {mid_save} of them inside a checkpoint save")
+    assert mid_save >= 4  # the half-written folders were there, and were never used
     assert _same(_adapter(reference[0]), _adapter(out)) < 1e-6
     steps = [m["step"] for m in read_metrics(out) if "loss" in m]
-    assert steps == sorted(set(steps)) and steps[-1] == 60  # no step logged twice, none after the end
+    assert steps == sorted(set(steps)) and steps[-1] == 120  # no step logged twice, none after the end
 
 
 def test_sigterm_saves_at_a_step_boundary_then_resume_gives_the_same_adapter(tmp_path, reference):
     out = tmp_path / "termed"
-    n, _, codes = _interrupt_until_done(out, signal.SIGTERM, 10, reference, seed=2)
+    n, _, codes = _interrupt_until_done(out, signal.SIGTERM, 10, reference, seed=2, after_start=True)
     # once the loop runs, SIGTERM ends the run with status 75 and a checkpoint; before that, the default action
     assert n >= 10 and set(codes) <= {75, -signal.SIGTERM, 0} and 75 in codes, codes
     assert _same(_adapter(reference[0]), _adapter(out)) < 1e-6

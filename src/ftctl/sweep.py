@@ -12,7 +12,7 @@ def multirun(overrides: list[str], debug: bool = False) -> int:
     from omegaconf import open_dict
 
     from .config import _prepare_recipe_override, _recipe_root, recipe_dirs, register_schemas, validate
-    from .errors import FtctlError
+    from .errors import Preempted
     from .paths import config_dir
 
     register_schemas()
@@ -21,11 +21,15 @@ def multirun(overrides: list[str], debug: bool = False) -> int:
     roots = ",".join(f"file://{_recipe_root(d)}" for d in recipe_dirs())
     sweep_dir = f"multirun/{recipe.replace(',', '+')}/{datetime.now():%Y%m%d-%H%M%S}"
     results: list[tuple[str, str]] = []
+    stopped: list[Exception] = []
 
     @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
     def job(cfg):
         hc = HydraConfig.get()
         label = " ".join(hc.overrides.task) or "(defaults)"
+        if stopped:
+            results.append((label, "not run: the sweep was stopped"))
+            return
         try:
             validate(cfg)
             with open_dict(cfg):
@@ -36,6 +40,9 @@ def multirun(overrides: list[str], debug: bool = False) -> int:
             train(cfg, {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v},
                   debug=debug)
             results.append((label, "finished"))
+        except Preempted as e:  # SIGTERM/SIGINT stops the whole sweep; the finished trials stay
+            stopped.append(e)
+            results.append((label, "preempted"))
         except Exception as e:  # one failed trial must not end the sweep
             if debug:
                 raise
@@ -54,6 +61,9 @@ def multirun(overrides: list[str], debug: bool = False) -> int:
         return 130
     finally:
         sys.argv = argv
+    if stopped:
+        print(f"ftctl: sweep stopped: {stopped[0]}; finished trials are in {sweep_dir}", file=sys.stderr)
+        return stopped[0].exit_code
     failed = [r for r in results if r[1] != "finished"]
     print(f"sweep {sweep_dir}: {len(results) - len(failed)} finished, {len(failed)} failed")
     return 1 if failed else 0
