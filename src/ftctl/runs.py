@@ -139,8 +139,7 @@ class Metrics:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.is_file():
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [json.dumps(row) for row in _parse_lines(self.path.read_text()) if row.get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(k + "\n" for k in keep))
         self._f = open(self.path, "a")
 
@@ -153,8 +152,17 @@ class Metrics:
         self._f.close()
 
 
+def _parse_lines(text: str) -> list[dict]:
+    """JSON lines, without a torn last line that a killed process may have left."""
+    rows = []
+    for ln in text.splitlines():
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     f = Path(run_dir) / "metrics.jsonl"
-    if not f.is_file():
-        return []
-    return [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
+    return _parse_lines(f.read_text()) if f.is_file() else []

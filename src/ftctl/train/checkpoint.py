@@ -184,14 +184,21 @@ def load(ckpt: Path, model, optimizer, scheduler) -> dict:
                           f"missing, {len(unknown)} unknown, {len(shape)} of another shape"
                           + (f", e.g. {shape[0]}" if shape else "") + ")")
     import pickle
+    import re
+    import warnings
 
     try:
-        opt_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
-        sched_state = torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True)
-        rng = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols
+            opt_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+            sched_state = torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True)
+            rng = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        named = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
+        other = re.search(r"(Unsupported [^\n]*)", str(e))
+        why = f"it names {named.group(1)}" if named else other.group(1) if other else "not a weights-only file"
         raise RunDirError(f"checkpoint {ckpt}: refusing to load pickled objects other than tensors and plain "
-                          f"data ({str(e).splitlines()[0][:200]})") from e
+                          f"data ({why})") from e
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t.to(params[n].device, params[n].dtype))

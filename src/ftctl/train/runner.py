@@ -126,7 +126,8 @@ def _save_final(model, tokenizer, out: Path, is_adapter: bool) -> Path:
     name = "adapter" if is_adapter else "model"
     final = out / name
     tmp = out / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in out.glob(f".{name}.tmp-*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if final.exists():
