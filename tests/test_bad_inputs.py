@@ -3,14 +3,12 @@ leaves nothing behind that a later command would take for valid output."""
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import textwrap
 
 import pytest
 from conftest import compose, run_cli
 
-from ftctl.errors import ConfigError, RunDirError
 from ftctl.train import checkpoint
 from ftctl.train.runner import train
 
@@ -153,3 +151,32 @@ def test_eval_names_cannot_leave_the_run_directory(tmp_path):
     r = run_cli("eval", "exact_match", f"run={out}", "name=../../escape")
     assert r.returncode == 2 and "name='../../escape'" in _one_line(r)
     assert not (tmp_path / "escape.json").exists()
+
+
+def test_jinja_templates_render_sandboxed():
+    from ftctl.data.jinja import render
+    from ftctl.errors import DataError
+
+    assert render("Summarize: {{ dialogue }}", dialogue="#Person1#: hi") == "Summarize: #Person1#: hi"
+    hostile = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(DataError, match="refused by the template sandbox"):
+        render(hostile, where="recipes/x.yaml")
+    with pytest.raises(DataError, match="refused by the template sandbox"):
+        render("{{ cycler.__init__.__globals__.os.system('touch /tmp/ftctl-pwned') }}")
+    with pytest.raises(DataError, match="'summary' is undefined"):
+        render("{{ summary }}")
+
+
+def test_adapter_on_the_wrong_base_is_refused(tmp_path):
+    from ftctl import models
+
+    cfg, choices = compose(*TINY, "trainer.max_steps=1", f"output_dir={tmp_path / 'run'}")
+    out = train(cfg, choices)
+    man = json.loads((out / "manifest.json").read_text())
+    man["model_path"] = str(models.resolve("builtin:smollm2_135m"))  # a base the adapter was not trained on
+    (out / "manifest.json").write_text(json.dumps(man))
+    r = run_cli("eval", "exact_match", f"run={out}", "limit=1")
+    assert r.returncode == 2
+    line = _one_line(r)
+    assert f"adapter {out / 'adapter'} does not fit the base model {man['model_path']}" in line
+    assert not (out / "eval").exists()

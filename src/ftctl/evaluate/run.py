@@ -39,7 +39,11 @@ def _load_models(run: Path, manifest: dict, cfg, device):
         if (run / "adapter").is_dir():
             from peft import PeftModel
 
-            return PeftModel.from_pretrained(base(), run / "adapter")
+            try:
+                return PeftModel.from_pretrained(base(), run / "adapter")
+            except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names that are not there
+                raise RunDirError(f"adapter {run / 'adapter'} does not fit the base model {base_path} "
+                                  f"({str(e).strip().splitlines()[0][:160]})") from e
         if (run / "model").is_dir():
             return models.load_model(run / "model", cfg.model, cfg.quant, device)
         raise RunDirError(f"{run}: no adapter/ or model/ folder (did the run finish?)")

@@ -2,7 +2,6 @@
 Accelerate (not the HF Trainer), in the spirit of torchtune's single-device recipes."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os

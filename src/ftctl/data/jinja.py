@@ -1,0 +1,32 @@
+"""Jinja rendering for templates that come from recipes or datasets: always sandboxed, as
+transformers renders chat templates, so a template cannot reach Python internals."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from ..errors import DataError
+
+
+@lru_cache(maxsize=64)
+def _compile(source: str):
+    from jinja2 import StrictUndefined, TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                                        undefined=StrictUndefined)
+    try:
+        return env.from_string(source)
+    except TemplateSyntaxError as e:
+        raise DataError(f"template line {e.lineno}: {e.message}") from e
+
+
+def render(source: str, where: str = "template", **values) -> str:
+    """Render ``source`` with ``values``; unsafe attribute access or an undefined name is a DataError."""
+    from jinja2.exceptions import SecurityError, UndefinedError
+
+    try:
+        return _compile(source).render(**values)
+    except SecurityError as e:
+        raise DataError(f"{where}: refused by the template sandbox ({e})") from e
+    except UndefinedError as e:
+        raise DataError(f"{where}: {e.message}") from e
