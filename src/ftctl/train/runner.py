@@ -242,69 +242,71 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     window_t, window_tokens = time.time(), 0
     stop = StopFlag()
     try:
-        stop.__enter__()
-        for step in range(start_step, steps):
-            micro_batches = [collate([train_data.examples[i] for i in batch_indices(
-                train_data.kept, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j)], pad_id)
-                for j in range(tc.grad_accum)]
-            # normalise by the target tokens of the whole step, so accumulation equals one big batch
-            n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
-            step_loss = 0.0
-            for j, batch in enumerate(micro_batches):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                sync = j == len(micro_batches) - 1
-                with nullcontext() if sync else accelerator.no_sync(model):
-                    loss = model(**batch, num_items_in_batch=n_items).loss
-                    accelerator.backward(loss)
-                step_loss += float(loss.detach())
-                window_tokens += int(batch["attention_mask"].sum())
-            grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else None
-            done = step + 1
-            finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(float(grad_norm))) and (
-                grad_norm is not None or all(torch.isfinite(p.grad).all() for p in params if p.grad is not None))
-            if finite:
-                optimizer.step()
-            elif tc.on_nan == "stop":
-                rows = [i for j in range(tc.grad_accum) for i in batch_indices(
-                    train_data.kept, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j)]
-                raise NonFiniteError(
-                    f"non-finite loss/gradient at step {done} (loss {step_loss}, training rows {rows}); the update "
-                    "was not applied and the last good checkpoint is kept (trainer.on_nan=skip goes on instead)")
-            else:
-                skipped += 1
-                log.warning("step %d: non-finite loss/gradient (loss %s); update skipped", done, step_loss)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            last_loss = step_loss
-            tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro_batches)
-            if done % tc.log_every == 0 or done == steps or done == start_step + 1:
-                now = time.time()
-                row = {"step": done, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
-                       "tokens": tokens_seen, "tokens_per_s": window_tokens / max(now - window_t, 1e-9),
-                       "epoch": round(done * tc.grad_accum * tc.batch_size / train_data.kept, 4),
-                       "skipped_steps": skipped}
-                metrics.log(**row)
-                log.info("step %d loss %.4f lr %.3e tok/s %.0f", done, step_loss, row["lr"], row["tokens_per_s"])
-                progress.update(done, row)
-                window_t, window_tokens = now, 0
-            else:
-                progress.update(done, None)
-            if (tc.eval_every and done % tc.eval_every == 0) or done == steps:
-                val_loss = _validation_loss(model, val_data.examples[:tc.eval_max_rows], tc.batch_size, pad_id, device)
-                if val_loss is not None:
-                    metrics.log(step=done, val_loss=round(val_loss, 6))
-                    log.info("step %d val_loss %.4f", done, val_loss)
-                    progress.print(f"step {done}: validation loss {val_loss:.4f}")
-            if (tc.save_every and done % tc.save_every == 0) or done == steps or stop.signum is not None:
-                checkpoint.save(out / "checkpoints", done, accelerator.unwrap_model(model), optimizer, scheduler,
-                                {"step": done, "tokens_seen": tokens_seen, "skipped_steps": skipped},
-                                tc.keep_checkpoints)
-            if stop.signum is not None and done < steps:
-                raise Preempted(f"stopped by {signal.Signals(stop.signum).name} at step {done}/{steps} with a "
-                                f"checkpoint saved; resume with: {_resume_command(out)}")
+        with stop:
+            for step in range(start_step, steps):
+                micro_batches = [collate([train_data.examples[i] for i in batch_indices(
+                    train_data.kept, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j)], pad_id)
+                    for j in range(tc.grad_accum)]
+                # normalise by the target tokens of the whole step, so accumulation equals one big batch
+                n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+                step_loss = 0.0
+                for j, batch in enumerate(micro_batches):
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    sync = j == len(micro_batches) - 1
+                    with nullcontext() if sync else accelerator.no_sync(model):
+                        loss = model(**batch, num_items_in_batch=n_items).loss
+                        accelerator.backward(loss)
+                    step_loss += float(loss.detach())
+                    window_tokens += int(batch["attention_mask"].sum())
+                grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else None
+                done = step + 1
+                if grad_norm is not None:
+                    grads_ok = math.isfinite(float(grad_norm))
+                else:
+                    grads_ok = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
+                if math.isfinite(step_loss) and grads_ok:
+                    optimizer.step()
+                elif tc.on_nan == "stop":
+                    rows = [i for j in range(tc.grad_accum) for i in batch_indices(
+                        train_data.kept, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j)]
+                    raise NonFiniteError(
+                        f"non-finite loss/gradient at step {done} (loss {step_loss}, training rows {rows}); the update "
+                        "was not applied and the last good checkpoint is kept (trainer.on_nan=skip goes on instead)")
+                else:
+                    skipped += 1
+                    log.warning("step %d: non-finite loss/gradient (loss %s); update skipped", done, step_loss)
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                last_loss = step_loss
+                tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro_batches)
+                if done % tc.log_every == 0 or done == steps or done == start_step + 1:
+                    now = time.time()
+                    row = {"step": done, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
+                           "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
+                           "tokens": tokens_seen, "tokens_per_s": window_tokens / max(now - window_t, 1e-9),
+                           "epoch": round(done * tc.grad_accum * tc.batch_size / train_data.kept, 4),
+                           "skipped_steps": skipped}
+                    metrics.log(**row)
+                    log.info("step %d loss %.4f lr %.3e tok/s %.0f", done, step_loss, row["lr"], row["tokens_per_s"])
+                    progress.update(done, row)
+                    window_t, window_tokens = now, 0
+                else:
+                    progress.update(done, None)
+                if (tc.eval_every and done % tc.eval_every == 0) or done == steps:
+                    val_loss = _validation_loss(model, val_data.examples[:tc.eval_max_rows], tc.batch_size, pad_id, device)
+                    if val_loss is not None:
+                        metrics.log(step=done, val_loss=round(val_loss, 6))
+                        log.info("step %d val_loss %.4f", done, val_loss)
+                        progress.print(f"step {done}: validation loss {val_loss:.4f}")
+                if (tc.save_every and done % tc.save_every == 0) or done == steps or stop.signum is not None:
+                    checkpoint.save(out / "checkpoints", done, accelerator.unwrap_model(model), optimizer, scheduler,
+                                    {"step": done, "tokens_seen": tokens_seen, "skipped_steps": skipped},
+                                    tc.keep_checkpoints)
+                if stop.signum is not None and done < steps:
+                    raise Preempted(f"stopped by {signal.Signals(stop.signum).name} at step {done}/{steps} with a "
+                                    f"checkpoint saved; resume with: {_resume_command(out)}")
+        final = _save_final(accelerator.unwrap_model(model), tokenizer, out, is_adapter)
     except BaseException as e:
-        stop.__exit__()
         progress.close()
         status = {KeyboardInterrupt: "interrupted", Preempted: "preempted"}.get(type(e), "failed")
         manifest.update(status=status, error=f"{type(e).__name__}: {e}")
@@ -312,10 +314,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
         metrics.close()
         log.removeHandler(handler)
         raise
-    stop.__exit__()
     progress.close()
-
-    final = _save_final(accelerator.unwrap_model(model), tokenizer, out, is_adapter)
     manifest.update(status="finished", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     final_train_loss=last_loss, final_val_loss=val_loss, output=final.name,
                     wall_time_s=round(time.time() - t_start, 1))
