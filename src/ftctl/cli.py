@@ -11,7 +11,7 @@ usage: ftctl [--debug] <command> [args]
 commands:
   train [-m] [--cfg job] [recipe=NAME] [group=option ...] [key=value ...]
         fine-tune; -m runs a sweep (e.g. peft.r=4,8,16); --cfg job prints the composed config
-  eval METRIC [METRIC ...] run=DIR [compare=base] [limit=N] [max_new_tokens=N] [batch_size=N]
+  eval METRIC [METRIC ...] run=DIR [compare=base] [limit=N] [max_new_tokens=N] [batch_size=N] [name=NAME]
         generate on the run's held-out rows and score (metrics: exact_match, rougeL)
   recipes
         list the recipes with a one-line description each
