@@ -63,3 +63,12 @@ def test_embedded_model_is_a_plain_safetensors_folder():
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
     tok = models.load_tokenizer(path)
     assert tok.eos_token == "<|im_end|>" and tok.pad_token_id is not None
+
+
+def test_pickled_weights_are_not_loaded(tmp_path, tiny_model_path):
+    d = tmp_path / "bin_model"
+    d.mkdir()
+    (d / "config.json").write_text((tiny_model_path / "config.json").read_text())
+    (d / "pytorch_model.bin").write_bytes(b"pickled weights")
+    with pytest.raises(ModelNotFoundError, match=r"no \.safetensors weights .* does not load pickled"):
+        models.resolve(str(d))

@@ -130,10 +130,19 @@ def resolve(path: str, revision: str | None = None) -> Path:
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelNotFoundError(f"model.path={path}: folder has no config.json (not a transformers model folder)")
+        _require_safetensors(p, path)
         return p.resolve()
     if p.exists() or path.startswith(("/", "./", "../", "~")) or path.count("/") > 1:
         raise ModelNotFoundError(f"model.path={path}: no such model folder")
     return _from_hub(path, revision)
+
+
+def _require_safetensors(folder: Path, name: str) -> None:
+    """Weights load from safetensors only: pickled .bin/.pt weights can run code when loaded."""
+    if not any(folder.glob("*.safetensors")):
+        raise ModelNotFoundError(
+            f"model.path={name}: no .safetensors weights in {folder} (ftctl does not load pickled .bin/.pt weights)",
+            hint="convert them once where you trust the file, e.g. model.save_pretrained(dir, safe_serialization=True)")
 
 
 def _from_hub(repo_id: str, revision: str | None) -> Path:
@@ -142,9 +151,13 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
     try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=patterns))
+        _require_safetensors(folder, repo_id)
+        return folder
     except LocalEntryNotFoundError:
         pass
+    except ModelNotFoundError:
+        raise
     except Exception as e:  # a malformed id, for instance
         raise ModelNotFoundError(f"model.path={repo_id}: {str(e).splitlines()[0]}") from e
     how = (f"download it where the hub is reachable (`hf download {repo_id}`), copy the folder here "
@@ -156,11 +169,13 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
                                  hint=how)
     log.info("downloading %s from the Hugging Face hub", repo_id)
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as e:
         raise ModelNotFoundError(
             f"model.path={repo_id}: not in the local Hugging Face cache and the hub could not be reached "
             f"({type(e).__name__}: {str(e).splitlines()[0][:160]})", hint=how) from e
+    _require_safetensors(folder, repo_id)
+    return folder
 
 
 # ----------------------------------------------------------------------------- load
@@ -221,7 +236,7 @@ def load_model(folder: Path, model_cfg, quant_cfg, device):
     if model_cfg.trust_remote_code:
         print(f"ftctl: warning: model.trust_remote_code=true runs Python code shipped with {folder}; "
               "use it only for models whose code you trust", file=sys.stderr)
-    kwargs = {"dtype": dtype, "trust_remote_code": model_cfg.trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": model_cfg.trust_remote_code, "use_safetensors": True}
     if qconf is not None:
         kwargs.update(quantization_config=qconf, device_map={"": device})
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
