@@ -19,8 +19,10 @@ def run_cli(*args, env=None, cwd=None, timeout=600):
                           env=e, cwd=cwd or ROOT, timeout=timeout)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def tiny_model_path():
+    """Materialise the built-in models once, before any test, so that CLI tests in subprocesses do not
+    each print the one-time conversion of the embedded model (which also makes tiny_llama's tokenizer)."""
     from ftctl import models
 
     return models.resolve("builtin:tiny_llama")
