@@ -212,6 +212,19 @@ def _prepare_recipe_override(overrides: list[str]) -> list[str]:
     return out
 
 
+def recipe_search_path() -> str:
+    """The ``hydra.searchpath=[...]`` override that makes every recipe folder Hydra's group ``recipe``."""
+    roots = ",".join(f"file://{_recipe_root(d)}" for d in recipe_dirs())
+    return f"hydra.searchpath=[{roots}]"
+
+
+def prepare_overrides(overrides: list[str]) -> list[str]:
+    """Command-line overrides as Hydra takes them: ``recipe=file.yaml`` resolved, keys checked."""
+    overrides = _prepare_recipe_override(list(overrides))
+    _check_override_keys(overrides)
+    return overrides
+
+
 # ----------------------------------------------------------------------------- compose
 def _schema_keys(cls) -> dict[str, Any]:
     return {f.name: f for f in dataclasses.fields(cls)}
@@ -306,10 +319,8 @@ def compose(command: str, overrides: list[str]) -> tuple[DictConfig, dict]:
     from omegaconf.errors import OmegaConfBaseException
 
     register_schemas()
-    overrides = _prepare_recipe_override(list(overrides))
-    _check_override_keys(overrides)
-    roots = [f"file://{_recipe_root(d)}" for d in recipe_dirs()]
-    hydra_overrides = overrides + [f"hydra.searchpath=[{','.join(roots)}]"]
+    overrides = prepare_overrides(overrides)
+    hydra_overrides = overrides + [recipe_search_path()]
     recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), None)
     files = [f for f in [_find_recipe_file(recipe) if recipe else None] if f]
     try:

@@ -11,14 +11,13 @@ def multirun(overrides: list[str], debug: bool = False) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from .config import _prepare_recipe_override, _recipe_root, recipe_dirs, register_schemas, validate
+    from .config import prepare_overrides, recipe_search_path, register_schemas, validate
     from .errors import Preempted
     from .paths import config_dir
 
     register_schemas()
-    overrides = _prepare_recipe_override(list(overrides))
+    overrides = prepare_overrides(overrides)
     recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), "train")
-    roots = ",".join(f"file://{_recipe_root(d)}" for d in recipe_dirs())
     sweep_dir = f"multirun/{recipe.replace(',', '+')}/{datetime.now():%Y%m%d-%H%M%S}"
     results: list[tuple[str, str]] = []
     stopped: list[Exception] = []
@@ -51,7 +50,7 @@ def multirun(overrides: list[str], debug: bool = False) -> int:
             results.append((label, f"failed: {msg}"))
 
     argv = sys.argv
-    sys.argv = ["ftctl-train", "-m", *overrides, f"hydra.searchpath=[{roots}]",
+    sys.argv = ["ftctl-train", "-m", *overrides, recipe_search_path(),
                 f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}",
                 "hydra/job_logging=none", "hydra/hydra_logging=none"]
     try:
