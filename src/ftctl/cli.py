@@ -13,6 +13,8 @@ commands:
         fine-tune; -m runs a sweep (e.g. peft.r=4,8,16); --cfg job prints the composed config
   eval METRIC [METRIC ...] run=DIR [compare=base] [limit=N] [max_new_tokens=N] [batch_size=N] [name=NAME]
         generate on the run's held-out rows and score (metrics: exact_match, rougeL)
+  data preview [recipe=NAME] [n=3] [split=train|validation|test] [key=value ...]
+        show rendered examples (trained tokens marked) and token statistics, without training
   recipes
         list the recipes with a one-line description each
 
@@ -139,6 +141,38 @@ def cmd_eval(args: list[str]) -> int:
     return 0
 
 
+def cmd_data(args: list[str]) -> int:
+    from .config import compose
+    from .data.preview import show
+    from .errors import ConfigError
+
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    if args[0] != "preview":
+        _err(f"data: unknown subcommand '{args[0]}' (available: preview)")
+        return 2
+    n, split, overrides = 3, "train", []
+    for a in args[1:]:
+        if a.startswith("n="):
+            try:
+                n = int(a[2:])
+            except ValueError:
+                raise ConfigError(f"{a}: n must be a whole number") from None
+            if n < 0:
+                raise ConfigError(f"{a}: n must be >= 0")
+        elif a.startswith("split="):
+            split = a[6:]
+        elif a.startswith("-"):
+            _err(f"data preview: unknown option {a}")
+            return 2
+        else:
+            overrides.append(a)
+    cfg, _ = compose("train", overrides)
+    show(cfg, _console(), n=n, split=split)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("FTCTL_DEBUG", "") not in ("", "0")
@@ -171,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(rest)
         if cmd == "recipes":
             return cmd_recipes(rest)
-        _err(f"unknown command '{cmd}' (commands: train, eval, recipes; see ftctl --help)")
+        if cmd == "data":
+            return cmd_data(rest)
+        _err(f"unknown command '{cmd}' (commands: train, eval, data, recipes; see ftctl --help)")
         return 2
     except FtctlError as e:
         if debug:

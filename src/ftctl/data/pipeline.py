@@ -1,66 +1,392 @@
-"""From a config's ``data`` and ``template`` sections to train/validation examples."""
+"""From a config's ``data`` and ``template`` sections to tokenized train / validation / test splits.
+
+source rows -> column mapping -> template -> tokens and label mask -> length policy, in one batched
+``datasets.map`` whose result is cached on disk under a key made of everything it depends on (the
+source's bytes, the column mapping, the template settings, the tokenizer, train_on, max_length,
+overlong), so a re-run skips the work and a change to any of them cannot reuse a stale result.
+Splitting, the bad-row policy, mixing and packing come after the cache: they are cheap.
+"""
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
 import random
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from ..errors import DataError
 from ..registry import TEMPLATES
-from .sources import read_rows
-from .tokenize import TokenStats, encode_rows
+from .templates import Context, Pair
+from .tokenize import IGNORE_INDEX, encode, n_trained, pack, packed_row
 
-SPLIT_SEED = 1234  # the validation split does not move when the training seed does
+log = logging.getLogger("ftctl")
+
+PIPELINE_VERSION = "3"  # bump when rendering or tokenization changes, so old caches are not reused
+SHOW_BAD = 3  # how many skipped rows are named in the report
 
 
 @dataclass
-class Splits:
-    train_rows: list[dict]
-    val_rows: list[dict]
+class SplitData:
+    name: str
+    examples: list[dict] = field(default_factory=list, repr=False)  # what batches are made of
+    prompts: list[str] = field(default_factory=list, repr=False)  # kept rows, for generation at eval
+    references: list[str] = field(default_factory=list, repr=False)
+    rows: int = 0  # rows in the split before any policy
+    kept: int = 0
+    skipped_bad: int = 0
+    dropped_too_long: int = 0
+    truncated: int = 0
+    mixed_in: int = 0  # rows added from data.mix sources (train split)
+    tokens: int = 0
+    target_tokens: int = 0
+    lengths: list[int] = field(default_factory=list, repr=False)
+    bad_examples: list[str] = field(default_factory=list)
+    packed_rows: int = 0
+    packing_efficiency: float | None = None
+    unpacked: list[dict] | None = field(default=None, repr=False)  # the examples before packing
+
+    def percentile(self, q: float) -> int:
+        if not self.lengths:
+            return 0
+        s = sorted(self.lengths)
+        return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+@dataclass
+class DataBundle:
+    train: SplitData
+    validation: SplitData
+    test: SplitData
     fingerprint: str
+    cache_hits: int = 0
+    cache_misses: int = 0
+    preference: bool = False
+
+    def split(self, name: str) -> SplitData:
+        if name not in ("train", "validation", "test"):
+            raise DataError(f"split={name!r}; choose train, validation or test")
+        return getattr(self, name)
 
 
-def load_splits(data_cfg) -> Splits:
-    rows, fp = read_rows(data_cfg.path)
-    if data_cfg.limit:
-        rows = rows[: data_cfg.limit]
-    if data_cfg.val_path:
-        val_rows, vfp = read_rows(data_cfg.val_path, key="data.val_path")
-        fp = hashlib.sha256((fp + vfp).encode()).hexdigest()
-        return Splits(rows, val_rows, fp)
-    order = list(range(len(rows)))
-    random.Random(SPLIT_SEED).shuffle(order)
-    n_val = int(round(len(rows) * data_cfg.val_fraction))
-    if data_cfg.val_fraction > 0 and n_val == 0 and len(rows) > 1:
-        n_val = 1
-    val_idx = set(order[len(rows) - n_val:]) if n_val else set()
-    return Splits([r for i, r in enumerate(rows) if i not in val_idx],
-                  [r for i, r in enumerate(rows) if i in val_idx], fp)
+# ----------------------------------------------------------------------------- fingerprints
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    for attr in ("chat_template", "bos_token", "eos_token", "pad_token"):
+        h.update(f"\x00{attr}={getattr(tokenizer, attr, None)}".encode())
+    return h.hexdigest()
 
 
-def render(rows: list[dict], template_name: str, where: str) -> list[tuple[str, str]]:
-    tpl = TEMPLATES.get(template_name)
-    out = []
-    for i, row in enumerate(rows):
-        try:
-            out.append(tpl(row))
-        except DataError as e:
-            import json
+def _cache_root() -> Path:
+    from ..paths import cache_dir
 
-            snippet = json.dumps(row, ensure_ascii=False)
-            snippet = snippet if len(snippet) <= 80 else snippet[:77] + "..."
-            raise DataError(f"{where}: row {snippet}: {e.message}") from None
+    return cache_dir() / "data"
+
+
+# ----------------------------------------------------------------------------- one source
+def _map_columns(row: dict, columns: dict) -> dict:
+    if not columns:
+        return row
+    out = dict(row)
+    for dst, src in columns.items():
+        if src not in row:
+            raise DataError(f"field '{src}' is missing (data.columns.{dst}={src})")
+        out[dst] = row[src]
     return out
 
 
-def build(data_cfg, template_name: str, tokenizer) -> tuple[TokenStats, TokenStats, Splits]:
-    splits = load_splits(data_cfg)
-    train = encode_rows(tokenizer, render(splits.train_rows, template_name, data_cfg.path),
-                        data_cfg.max_length, data_cfg.truncation, where=data_cfg.path)
-    val = encode_rows(tokenizer, render(splits.val_rows, template_name, data_cfg.val_path or data_cfg.path),
-                      data_cfg.max_length, data_cfg.truncation, where=data_cfg.val_path or data_cfg.path)
+def _process(row: dict, tpl, ctx: Context, tokenizer, data_cfg) -> dict:
+    """One row -> a record of the cached table. Bad rows are marked, not raised: the policy comes later."""
+    out = {"status": "ok", "error": "", "input_ids": [], "labels": [], "rejected_input_ids": [],
+           "rejected_labels": [], "prompt": "", "reference": "", "length": 0, "truncated": False}
+    try:
+        rendered = tpl(_map_columns(row, dict(data_cfg.columns or {})), ctx)
+    except DataError as e:
+        out.update(status="bad", error=e.message)
+        return out
+    pair = isinstance(rendered, Pair)
+    chosen = rendered.chosen if pair else rendered
+    seqs = [encode(tokenizer, chosen, data_cfg.train_on)]
+    if pair:
+        seqs.append(encode(tokenizer, rendered.rejected, data_cfg.train_on))
+    out.update(prompt=chosen.prompt, reference=chosen.reference, length=max(len(s[0]) for s in seqs))
+    if out["length"] > data_cfg.max_length:
+        if data_cfg.overlong != "truncate":
+            out.update(status="too_long")
+            return out
+        seqs = [(ids[:data_cfg.max_length], labels[:data_cfg.max_length]) for ids, labels in seqs]
+        out["truncated"] = True
+    for ids, labels in seqs:
+        if n_trained(labels) == 0:
+            why = (f"data.max_length={data_cfg.max_length} cut every trained token (data.overlong=truncate)"
+                   if out["truncated"] else f"every label is masked (nothing to train on with data.train_on="
+                                            f"{data_cfg.train_on})")
+            out.update(status="bad", error=why)
+            return out
+    out.update(input_ids=seqs[0][0], labels=seqs[0][1])
+    if pair:
+        out.update(rejected_input_ids=seqs[1][0], rejected_labels=seqs[1][1])
+    return out
+
+
+def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_cfg, tokenizer, seed: int,
+                    limit: int | None = None, tok_fp: str | None = None):
+    """The cached, tokenized table of one source: a ``datasets.Dataset`` with one record per source
+    row (bad ones marked), and whether it came from the cache."""
+    import datasets
+
+    from .sources import read_source, source_fingerprint
+
+    tcfg = OmegaConf.to_container(template_cfg, resolve=True) if OmegaConf.is_config(template_cfg) else dict(template_cfg)
+    uses_seed = tcfg.get("name") == "flan"
+    parts = {
+        "version": PIPELINE_VERSION, "source": source_fingerprint(spec, key, split), "limit": limit,
+        "columns": dict(data_cfg.columns or {}), "template": tcfg, "seed": seed if uses_seed else None,
+        "tokenizer": tok_fp or tokenizer_fingerprint(tokenizer), "train_on": data_cfg.train_on,
+        "max_length": data_cfg.max_length, "overlong": data_cfg.overlong,
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    folder = _cache_root() / digest
+    use_cache = data_cfg.get("cache", True) if hasattr(data_cfg, "get") else True
+    if use_cache and (folder / "ftctl-done").is_file():
+        try:
+            return datasets.load_from_disk(str(folder)), True
+        except Exception as e:  # a damaged cache entry is rebuilt, never trusted
+            log.warning("data cache %s unreadable (%s); rebuilding", folder, e)
+            shutil.rmtree(folder, ignore_errors=True)
+
+    src = read_source(spec, key, split)
+    records = src.records[:limit] if limit else src.records
+    table = datasets.Dataset.from_dict({
+        "idx": list(range(len(records))),
+        "loc": [r.loc for r in records],
+        "row": [json.dumps(r.row, ensure_ascii=False) if r.row is not None else "" for r in records],
+        "read_error": [r.error or "" for r in records],
+    })
+    tpl = TEMPLATES.get(tcfg.get("name", "alpaca"))
+    ctx = Context(cfg=tcfg, tokenizer=tokenizer, seed=seed)
+
+    def fn(batch):
+        cols: dict[str, list] = {}
+        for row_json, err in zip(batch["row"], batch["read_error"]):
+            if err:
+                rec = {"status": "bad", "error": err, "input_ids": [], "labels": [], "rejected_input_ids": [],
+                       "rejected_labels": [], "prompt": "", "reference": "", "length": 0, "truncated": False}
+            else:
+                rec = _process(json.loads(row_json), tpl, ctx, tokenizer, data_cfg)
+            for k, v in rec.items():
+                cols.setdefault(k, []).append(v)
+        return cols
+
+    features = datasets.Features({
+        "idx": datasets.Value("int64"), "loc": datasets.Value("string"), "status": datasets.Value("string"),
+        "error": datasets.Value("string"), "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+        "rejected_input_ids": datasets.Sequence(datasets.Value("int32")),
+        "rejected_labels": datasets.Sequence(datasets.Value("int32")), "prompt": datasets.Value("string"),
+        "reference": datasets.Value("string"), "length": datasets.Value("int64"), "truncated": datasets.Value("bool"),
+    })
+    show = len(records) >= 5000 and os.isatty(2)
+    if not show:
+        datasets.disable_progress_bars()
+    try:
+        out = table.map(fn, batched=True, batch_size=256, remove_columns=["row", "read_error"], features=features,
+                        new_fingerprint=digest, desc=f"tokenizing {src.where}")
+        if use_cache:
+            _save(out, folder, parts)
+    finally:
+        if not show:
+            datasets.enable_progress_bars()
+    return out, False
+
+
+def _save(table, folder: Path, parts: dict) -> None:
+    """Write a cache entry atomically: a temporary folder, a marker file last, then a rename."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        table.save_to_disk(str(tmp))
+        (tmp / "ftctl-done").write_text(json.dumps(parts, sort_keys=True, default=str))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    except OSError as e:  # a full disk or read-only cache costs speed next time, not this run
+        log.warning("could not write the data cache %s: %s", folder, e)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- splits
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int,
+                  has_val: bool, has_test: bool) -> tuple[list[int], list[int], list[int]]:
+    """Row indices of train / validation / test; validation and test come from a seeded shuffle
+    (a ratio > 0 always holds out at least one row)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+
+    def count(frac: float, given: bool) -> int:
+        if given or frac <= 0:
+            return 0
+        return max(1, int(round(n * frac))) if n > 1 else 0
+
+    n_val, n_test = count(val_fraction, has_val), count(test_fraction, has_test)
+    if n_val + n_test >= n:
+        raise DataError(f"data: {n} rows cannot give {n_val} validation and {n_test} test rows and still train")
+    test = sorted(order[n - n_test:]) if n_test else []
+    val = sorted(order[n - n_test - n_val:n - n_test]) if n_val else []
+    held = set(val) | set(test)
+    return [i for i in range(n) if i not in held], val, test
+
+
+def _apply(name: str, table, indices: list[int], data_cfg, where: str) -> SplitData:
+    """The bad-row and length policies over one split's rows of a tokenized table."""
+    sd = SplitData(name=name, rows=len(indices))
+    if not indices:
+        return sd
+    sub = table.select(indices)
+    status, errors, locs = sub["status"], sub["error"], sub["loc"]
+    status, errors, locs = list(status), list(errors), list(locs)
+    keep = []
+    for i, (st, err, loc) in enumerate(zip(status, errors, locs)):
+        if st == "bad":
+            if data_cfg.bad_rows == "error":
+                raise DataError(f"{loc}: {err} (data.bad_rows=skip drops bad rows and reports them)")
+            sd.skipped_bad += 1
+            if len(sd.bad_examples) < SHOW_BAD:
+                sd.bad_examples.append(f"{loc}: {err}")
+        elif st == "too_long":
+            if data_cfg.overlong == "error":
+                length = sub[i]["length"]
+                raise DataError(f"{loc}: {length} tokens > data.max_length={data_cfg.max_length} "
+                                "(raise data.max_length, or set data.overlong=drop|truncate)")
+            sd.dropped_too_long += 1
+        else:
+            keep.append(i)
+    kept = sub.select(keep)
+    cols = kept.select_columns(["input_ids", "labels", "rejected_input_ids", "rejected_labels", "prompt",
+                                "reference", "truncated"]).to_dict()
+    sd.kept = len(keep)
+    sd.truncated = sum(cols["truncated"])
+    sd.prompts, sd.references = cols["prompt"], cols["reference"]
+    pref = any(cols["rejected_input_ids"])
+    for j in range(sd.kept):
+        ex = {"input_ids": cols["input_ids"][j], "labels": cols["labels"][j]}
+        if pref:
+            ex["rejected_input_ids"] = cols["rejected_input_ids"][j]
+            ex["rejected_labels"] = cols["rejected_labels"][j]
+        sd.examples.append(ex)
+    _count(sd)
+    return sd
+
+
+def _count(sd: SplitData) -> None:
+    sd.lengths = [len(e["input_ids"]) for e in sd.examples]
+    sd.tokens = sum(sd.lengths)
+    sd.target_tokens = sum(n_trained(e["labels"]) for e in sd.examples)
+
+
+def _mix(train: SplitData, extra: SplitData, weight: float, seed: int) -> int:
+    """Add round(weight x task rows) rows of ``extra`` to ``train`` (repeating it if it is smaller)."""
+    want = int(round(weight * train.kept))
+    if want <= 0 or not extra.examples:
+        return 0
+    rng = random.Random(seed)
+    idx: list[int] = []
+    while len(idx) < want:
+        order = list(range(len(extra.examples)))
+        rng.shuffle(order)
+        idx += order[:want - len(idx)]
+    train.examples += [extra.examples[i] for i in idx]
+    return want
+
+
+def build(cfg, tokenizer, console=None) -> DataBundle:
+    """Every split of the config's data, tokenized. ``cfg`` is the whole run config (data, template, seed)."""
+    data_cfg, seed = cfg.data, cfg.seed
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    hits = misses = 0
+
+    def load(spec, key, split, limit=None, columns=None):
+        nonlocal hits, misses
+        dcfg = data_cfg if columns is None else _with_columns(data_cfg, columns)
+        table, hit = tokenize_source(spec, key, split, dcfg, cfg.template, tokenizer, seed, limit=limit, tok_fp=tok_fp)
+        hits, misses = hits + hit, misses + (not hit)
+        return table
+
+    table = load(data_cfg.path, "data.path", data_cfg.split, data_cfg.limit)
+    tr, va, te = split_indices(len(table), data_cfg.val_fraction, data_cfg.test_fraction, data_cfg.split_seed,
+                               bool(data_cfg.val_path), bool(data_cfg.test_path))
+    train = _apply("train", table, tr, data_cfg, data_cfg.path)
+    fps = [table._fingerprint]
+    if data_cfg.val_path:
+        vt = load(data_cfg.val_path, "data.val_path", None)
+        validation = _apply("validation", vt, list(range(len(vt))), data_cfg, data_cfg.val_path)
+        fps.append(vt._fingerprint)
+    else:
+        validation = _apply("validation", table, va, data_cfg, data_cfg.path)
+    if data_cfg.test_path:
+        tt = load(data_cfg.test_path, "data.test_path", None)
+        test = _apply("test", tt, list(range(len(tt))), data_cfg, data_cfg.test_path)
+        fps.append(tt._fingerprint)
+    else:
+        test = _apply("test", table, te, data_cfg, data_cfg.path)
     if train.kept == 0:
-        raise DataError(f"{data_cfg.path}: no training rows left after tokenization "
-                        f"({train.dropped_too_long} longer than data.max_length={data_cfg.max_length}, "
-                        f"{train.dropped_no_target} with an empty target)")
-    return train, val, splits
+        raise DataError(f"{data_cfg.path}: no training rows left ({train.rows} rows: {train.skipped_bad} bad rows "
+                        f"skipped, {train.dropped_too_long} longer than data.max_length={data_cfg.max_length} dropped)")
+    for i, m in enumerate(data_cfg.mix or []):
+        mt = load(m.path, f"data.mix[{i}].path", m.get("split"), columns=m.get("columns") or {})
+        extra = _apply(f"mix[{i}]", mt, list(range(len(mt))), data_cfg, m.path)
+        train.mixed_in += _mix(train, extra, float(m.weight), data_cfg.split_seed + i + 1)
+        train.skipped_bad += extra.skipped_bad
+        train.bad_examples += extra.bad_examples[:max(0, SHOW_BAD - len(train.bad_examples))]
+        fps.append(mt._fingerprint)
+    if train.mixed_in:
+        _count(train)
+    preference = bool(train.examples and "rejected_input_ids" in train.examples[0])
+    if data_cfg.packing:
+        if preference:
+            raise DataError("data.packing=true does not apply to preference pairs")
+        _pack(train, data_cfg.max_length)
+    fp = hashlib.sha256("".join(fps).encode()).hexdigest()
+    return DataBundle(train, validation, test, fp, hits, misses, preference)
+
+
+def _with_columns(data_cfg, columns):
+    c = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True)) if OmegaConf.is_config(data_cfg) else data_cfg
+    c.columns = dict(columns)
+    return c
+
+
+def _pack(sd: SplitData, max_length: int) -> None:
+    bins = pack([len(e["input_ids"]) for e in sd.examples], max_length)
+    sd.unpacked = sd.examples
+    sd.examples = [packed_row([sd.examples[i] for i in b]) for b in bins]
+    sd.packed_rows = len(bins)
+    sd.packing_efficiency = sd.tokens / (len(bins) * max_length) if bins else None
+
+
+def describe(sd: SplitData) -> str:
+    """One line of counts for logs and the console."""
+    parts = [f"{sd.kept} of {sd.rows} rows kept"]
+    if sd.skipped_bad:
+        parts.append(f"{sd.skipped_bad} bad skipped")
+    if sd.dropped_too_long:
+        parts.append(f"{sd.dropped_too_long} too long dropped")
+    if sd.truncated:
+        parts.append(f"{sd.truncated} truncated")
+    if sd.mixed_in:
+        parts.append(f"{sd.mixed_in} mixed in")
+    if sd.packing_efficiency is not None:
+        parts.append(f"packed into {sd.packed_rows} rows ({100 * sd.packing_efficiency:.1f}% filled)")
+    return ", ".join(parts)
+
+
+__all__ = ["build", "DataBundle", "SplitData", "IGNORE_INDEX", "describe", "split_indices", "tokenize_source"]

@@ -1,12 +1,91 @@
-"""Prompt templates: a pure function of a row that returns (prompt, completion).
+"""Prompt templates: each a pure function of a row (and the tokenizer, for chat templates) that
+returns the row's text as segments, every segment marked with what it is, so the label mask is
+decided by ``data.train_on`` rather than by the template:
 
-Loss is computed on the completion only; the prompt is what generation is conditioned on at eval.
+- ``target``: part of the row's designated answer (the completion; in a chat row, every assistant
+  turn, or the ``completion`` messages when the row gives prompt and completion separately);
+- ``assistant``: an assistant turn (in a non-chat template the completion counts as one);
+- ``last``: the last assistant turn (or the completion).
+
+``prompt`` and ``reference`` are what generation is conditioned on at evaluation and what it is
+scored against. Templates raise DataError naming the field for a missing, mistyped or empty field.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
 from ..errors import DataError
 from ..registry import TEMPLATES
+from . import jinja
 
+
+@dataclass
+class Segment:
+    text: str
+    target: bool = False
+    assistant: bool = False
+    last: bool = False
+
+
+@dataclass
+class Rendered:
+    segments: list[Segment]
+    prompt: str
+    reference: str
+    # plain templates: the first segment gets the tokenizer's special tokens (BOS) and an EOS follows
+    # the answer; a chat template writes its own special and end-of-turn tokens
+    plain: bool = True
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments)
+
+
+@dataclass
+class Pair:
+    """A preference row: the same prompt with a chosen and a rejected answer."""
+    chosen: Rendered
+    rejected: Rendered
+
+
+@dataclass
+class Context:
+    """What a template may look at besides the row: its config section, the tokenizer, the seed."""
+    cfg: Any = None
+    tokenizer: Any = None
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def get(self, key: str, default=None):
+        if self.cfg is None:
+            return default
+        value = self.cfg.get(key, default) if hasattr(self.cfg, "get") else getattr(self.cfg, key, default)
+        return default if value is None else value
+
+
+def _str_field(row: dict, key: str, required: bool = True, allow_empty: bool = False) -> str:
+    if key not in row or row[key] is None:
+        if required:
+            raise DataError(f"field '{key}' is missing")
+        return ""
+    value = row[key]
+    if not isinstance(value, str):
+        raise DataError(f"field '{key}' must be a string (got {type(value).__name__})")
+    if not allow_empty and required and not value.strip():
+        raise DataError(f"field '{key}' is empty")
+    return value
+
+
+def _answer(prompt: str, completion: str) -> Rendered:
+    return Rendered([Segment(prompt), Segment(completion, target=True, assistant=True, last=True)],
+                    prompt=prompt, reference=completion)
+
+
+# ----------------------------------------------------------------------------- alpaca
 # The Stanford Alpaca prompts (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT), verbatim.
 ALPACA_PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -21,16 +100,255 @@ ALPACA_PROMPT_NO_INPUT = (
 
 
 @TEMPLATES.register("alpaca")
-def alpaca(row: dict) -> tuple[str, str]:
+def alpaca(row: dict, ctx: Context | None = None) -> Rendered:
     """Alpaca rows: ``instruction``, optional ``input``, ``output``. An empty input uses the no-input prompt."""
-    for key in ("instruction", "output"):
-        if not isinstance(row.get(key), str):
-            raise DataError(f"row has no string field '{key}' (alpaca rows need instruction, output; input is optional)")
-    inp = row.get("input") or ""
-    if not isinstance(inp, str):
-        raise DataError("field 'input' must be a string")
+    instruction = _str_field(row, "instruction")
+    output = _str_field(row, "output")
+    inp = _str_field(row, "input", required=False)
     if inp.strip():
-        prompt = ALPACA_PROMPT_INPUT.format(instruction=row["instruction"], input=inp)
+        prompt = ALPACA_PROMPT_INPUT.format(instruction=instruction, input=inp)
     else:
-        prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=row["instruction"])
-    return prompt, row["output"]
+        prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+    return _answer(prompt, output)
+
+
+# ----------------------------------------------------------------------------- flan
+def pick(seed: int, row: dict, n: int) -> int:
+    """A phrasing index that depends only on the seed and the row's content."""
+    blob = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+    return int(hashlib.sha256(f"{seed}\x00{blob}".encode()).hexdigest()[:12], 16) % n
+
+
+@TEMPLATES.register("flan")
+def flan(row: dict, ctx: Context) -> Rendered:
+    """A set of Jinja phrasings, each ``prompt ||| target`` (promptsource style); one per row, chosen
+    from the seed and the row. The prompt ends with a newline; the target is stripped."""
+    phrasings = list(ctx.get("phrasings", []) or [])
+    if not phrasings:
+        raise DataError("template=flan needs template.phrasings (a list of 'prompt ||| target' Jinja strings)")
+    i = pick(ctx.seed, row, len(phrasings))
+    source = phrasings[i]
+    values = dict(ctx.get("vars", {}) or {})
+    values.update(row)
+    text = jinja.render(source, where=f"template.phrasings[{i}]", **values)
+    if text.count("|||") != 1:
+        raise DataError(f"template.phrasings[{i}] must contain '|||' exactly once (prompt ||| target)")
+    prompt, target = (part.strip() for part in text.split("|||"))
+    if not target:
+        raise DataError(f"template.phrasings[{i}] renders an empty target for this row")
+    return _answer(prompt + "\n", target)
+
+
+# ----------------------------------------------------------------------------- completion
+@TEMPLATES.register("completion")
+def completion(row: dict, ctx: Context | None = None) -> Rendered:
+    """``prompt`` + ``completion`` (loss on the completion), or ``text`` alone (continued pre-training:
+    every token is a target)."""
+    if "completion" in row or "prompt" in row:
+        prompt = _str_field(row, "prompt", allow_empty=True)
+        return _answer(prompt, _str_field(row, "completion"))
+    if "text" in row:
+        text = _str_field(row, "text")
+        return Rendered([Segment(text, target=True, assistant=True, last=True)], prompt="", reference=text)
+    raise DataError("field 'completion' is missing (completion rows need prompt + completion, or text)")
+
+
+# ----------------------------------------------------------------------------- chat
+_TRANSCRIPT = re.compile(r"\n\n(Human|Assistant):")
+
+
+def parse_transcript(text: str) -> list[dict]:
+    """HH-RLHF style ``\\n\\nHuman: ... \\n\\nAssistant: ...`` into OpenAI-style messages."""
+    parts = _TRANSCRIPT.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise DataError("a transcript string must be '\\n\\nHuman: ... \\n\\nAssistant: ...' turns")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
+
+
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _messages(value, key: str) -> list[dict]:
+    if isinstance(value, str):
+        return parse_transcript(value)
+    if not isinstance(value, list) or not value:
+        raise DataError(f"field '{key}' must be a non-empty list of messages (or a Human/Assistant transcript)")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataError(f"field '{key}[{i}]' must be an object with role and content")
+        role = m.get("role")
+        if role not in _ROLES:
+            raise DataError(f"field '{key}[{i}].role' is {role!r}; allowed: {', '.join(_ROLES)}")
+        content = m.get("content")
+        if content is None and role == "assistant" and m.get("tool_calls"):
+            m = {**m, "content": ""}
+        elif not isinstance(content, str):
+            raise DataError(f"field '{key}[{i}].content' must be a string (got {type(content).__name__})")
+        out.append(m)
+    return out
+
+
+class ChatRenderer:
+    """Render messages with the tokenizer's chat template, or with ``template.chat_template`` (Jinja,
+    sandboxed). Turn boundaries come from rendering growing prefixes of the conversation."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.source = ctx.get("chat_template")
+        tok = ctx.tokenizer
+        if tok is None:
+            raise DataError("a chat template needs the model's tokenizer")
+        if not self.source and not getattr(tok, "chat_template", None):
+            raise DataError("the model's tokenizer has no chat template; set template.chat_template (Jinja)")
+
+    def __call__(self, messages: list[dict], generation_prompt: bool = False, tools=None) -> str:
+        if not messages and not generation_prompt:
+            return ""
+        tok = self.ctx.tokenizer
+        if self.source:
+            return jinja.render(self.source, where="template.chat_template", messages=messages,
+                                add_generation_prompt=generation_prompt, tools=tools,
+                                bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+        kwargs = {"tools": tools} if tools else {}
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
+
+    def segments(self, messages: list[dict], n_prompt: int = 0, tools=None) -> list[Segment]:
+        """Segments of the whole conversation. Assistant turns at index >= n_prompt are targets
+        (n_prompt=0: every assistant turn). The text between turns (role headers) is context."""
+        eos = self.ctx.tokenizer.eos_token or ""
+        asst = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        segs: list[Segment] = []
+        done = ""
+        for k in asst:
+            before = self(messages[:k], generation_prompt=True, tools=tools)
+            upto = self(messages[:k + 1], tools=tools)
+            if not before.startswith(done) or not upto.startswith(before):
+                raise DataError("the chat template does not render turns incrementally (a later turn rewrites an "
+                                "earlier one), so assistant turns cannot be located; use template.chat_template")
+            if len(before) > len(done):
+                segs.append(Segment(before[len(done):]))
+            turn = upto[len(before):]
+            tail = ""
+            if eos and eos in turn:  # train up to and including the end-of-turn token, not what follows it
+                cut = turn.rindex(eos) + len(eos)
+                turn, tail = turn[:cut], turn[cut:]
+            target = k >= n_prompt
+            segs.append(Segment(turn, target=target, assistant=True, last=k == asst[-1]))
+            if tail:
+                segs.append(Segment(tail))
+            done = upto
+        full = self(messages, tools=tools)
+        if not full.startswith(done):
+            raise DataError("the chat template does not render turns incrementally; use template.chat_template")
+        if len(full) > len(done):
+            segs.append(Segment(full[len(done):]))
+        return segs
+
+
+def _system(messages: list[dict], ctx: Context) -> list[dict]:
+    system = ctx.get("system")
+    if system and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system}] + messages
+    return messages
+
+
+@TEMPLATES.register("chat")
+def chat(row: dict, ctx: Context) -> Rendered:
+    """OpenAI-style ``messages`` (system, user, assistant, tool; tool calls kept), or ``prompt`` and
+    ``completion`` message lists; a Human/Assistant transcript string works as ``messages`` too."""
+    render = ChatRenderer(ctx)
+    tools = row.get("tools")
+    if "messages" in row:
+        messages, n_prompt = _system(_messages(row["messages"], "messages"), ctx), 0
+    elif "prompt" in row and "completion" in row:
+        prompt = row["prompt"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, "prompt")
+        comp = row["completion"]
+        comp = [{"role": "assistant", "content": comp}] if isinstance(comp, str) else _messages(comp, "completion")
+        messages = _system(prompt + comp, ctx)
+        n_prompt = len(messages) - len(comp)
+    else:
+        raise DataError("field 'messages' is missing (chat rows need messages, or prompt + completion)")
+    asst = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= n_prompt]
+    if not asst:
+        raise DataError("the conversation has no assistant turn to train on")
+    last = asst[-1]
+    if not (messages[last]["content"].strip() or messages[last].get("tool_calls")):
+        raise DataError(f"the last assistant turn (message {last}) is empty")
+    segs = render.segments(messages, n_prompt=n_prompt, tools=tools)
+    prompt = render(messages[:last], generation_prompt=True, tools=tools)
+    return Rendered(segs, prompt=prompt, reference=messages[last]["content"], plain=False)
+
+
+# ----------------------------------------------------------------------------- preference
+def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Two HH-RLHF transcripts that share all but the last assistant turn -> (prompt, chosen, rejected);
+    the prompt ends with the last shared ``\\n\\nAssistant:``."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    marker = "\n\nAssistant:"
+    cut = chosen.rfind(marker, 0, n)
+    if cut < 0:
+        raise DataError("chosen and rejected share no prompt ending in '\\n\\nAssistant:'")
+    cut += len(marker)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+@TEMPLATES.register("preference")
+def preference(row: dict, ctx: Context) -> Pair:
+    """``prompt``/``chosen``/``rejected``, or two full transcripts (``chosen``, ``rejected``; HH-RLHF)
+    from which the shared prompt is split off. ``template.style``: plain (text as is) or chat
+    (rendered with the chat template)."""
+    style = ctx.get("style", "plain")
+    if "chosen" not in row or "rejected" not in row:
+        raise DataError(f"field '{'chosen' if 'chosen' not in row else 'rejected'}' is missing "
+                        "(preference rows need chosen and rejected, and a prompt unless they are full transcripts)")
+    chosen, rejected = row["chosen"], row["rejected"]
+    if style == "plain":
+        c = _str_field(row, "chosen")
+        r = _str_field(row, "rejected")
+        if "prompt" in row:
+            p = _str_field(row, "prompt", allow_empty=True)
+        else:
+            p, c, r = split_transcripts(c, r)
+        if not c.strip() or not r.strip():
+            raise DataError(f"field '{'chosen' if not c.strip() else 'rejected'}' has an empty answer")
+        if c == r:
+            raise DataError("chosen and rejected answers are identical")
+        chosen_r, rejected_r = _answer(p, c), _answer(p, r)
+        chosen_r.reference, rejected_r.reference = c.strip(), r.strip()
+        return Pair(chosen_r, rejected_r)
+    if style != "chat":
+        raise DataError(f"template.style={style!r}; allowed: plain, chat")
+    render = ChatRenderer(ctx)
+    if "prompt" in row:
+        p = row["prompt"]
+        prompt = [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p, "prompt")
+
+        def answer(v, key):
+            return [{"role": "assistant", "content": v}] if isinstance(v, str) else _messages(v, key)
+
+        cm, rm = prompt + answer(chosen, "chosen"), prompt + answer(rejected, "rejected")
+    else:
+        cm, rm = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+        if cm[:-1] != rm[:-1] or cm[-1]["role"] != "assistant" or rm[-1]["role"] != "assistant":
+            raise DataError("chosen and rejected must be the same conversation up to a different last assistant turn")
+    if cm[-1] == rm[-1]:
+        raise DataError("chosen and rejected answers are identical")
+    out = []
+    for msgs, key in ((_system(cm, ctx), "chosen"), (_system(rm, ctx), "rejected")):
+        if not msgs[-1]["content"].strip():
+            raise DataError(f"field '{key}' has an empty answer")
+        n_prompt = len(msgs) - 1
+        segs = render.segments(msgs, n_prompt=n_prompt)
+        for s in segs:
+            s.assistant = s.assistant and s.target
+            s.last = s.last and s.target
+        out.append(Rendered(segs, prompt=render(msgs[:-1], generation_prompt=True),
+                            reference=msgs[-1]["content"], plain=False))
+    return Pair(*out)

@@ -1,66 +1,95 @@
-"""Tokenize (prompt, completion) pairs with a label mask, and pad batches. Pure functions."""
+"""Rendered rows -> token ids with a label mask; packing; batches. Pure functions."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import bisect
+
+from .templates import Rendered, Segment
 
 IGNORE_INDEX = -100
+TRAIN_ON = ("completion", "all", "assistant", "last")
 
 
-@dataclass
-class TokenStats:
-    rows: int = 0
-    kept: int = 0
-    dropped_too_long: int = 0
-    truncated: int = 0
-    dropped_no_target: int = 0
-    tokens: int = 0
-    target_tokens: int = 0
-    examples: list = field(default_factory=list, repr=False)
+def is_trained(seg: Segment, train_on: str) -> bool:
+    if train_on == "all":
+        return True
+    if train_on == "completion":
+        return seg.target
+    if train_on == "assistant":
+        return seg.assistant
+    if train_on == "last":
+        return seg.last
+    raise ValueError(f"data.train_on={train_on!r}; allowed: {', '.join(TRAIN_ON)}")
+
+
+def encode(tokenizer, rendered: Rendered, train_on: str = "completion") -> tuple[list[int], list[int]]:
+    """input_ids and labels (-100 where not trained) for a rendered row.
+
+    Each segment is tokenized on its own, so the prompt's tokens are exactly those that generation is
+    conditioned on at evaluation. Plain templates get the tokenizer's special tokens (BOS) on the first
+    segment and an EOS after the answer; chat templates write their own.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    last_trained = False
+    for seg in rendered.segments:
+        if not seg.text:
+            continue
+        toks = tokenizer(seg.text, add_special_tokens=rendered.plain and not ids)["input_ids"]
+        last_trained = is_trained(seg, train_on)
+        ids += toks
+        labels += toks if last_trained else [IGNORE_INDEX] * len(toks)
+    if rendered.plain and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id if last_trained else IGNORE_INDEX)
+    return ids, labels
 
 
 def encode_pair(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    """input_ids = prompt tokens + completion tokens + EOS; labels mask the prompt with -100.
-
-    Prompt and completion are tokenized separately, so the prompt tokens are exactly those that
-    generation is conditioned on at evaluation time.
-    """
-    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        c = c + [tokenizer.eos_token_id]
-    return p + c, [IGNORE_INDEX] * len(p) + c
+    """A prompt/completion pair, trained on the completion and EOS."""
+    return encode(tokenizer, Rendered([Segment(prompt), Segment(completion, target=True, assistant=True, last=True)],
+                                      prompt=prompt, reference=completion))
 
 
-def encode_rows(tokenizer, pairs, max_length: int, truncation: str = "drop", where: str = "data") -> TokenStats:
-    """Encode every pair; rows longer than max_length are dropped, truncated or refused, and counted."""
-    from ..errors import DataError
-
-    st = TokenStats()
-    for i, (prompt, completion) in enumerate(pairs):
-        st.rows += 1
-        ids, labels = encode_pair(tokenizer, prompt, completion)
-        if len(ids) > max_length:
-            if truncation == "error":
-                raise DataError(f"{where}: row {i} has {len(ids)} tokens > data.max_length={max_length} "
-                                "(raise data.max_length, or set data.truncation=drop|truncate)")
-            if truncation == "drop":
-                st.dropped_too_long += 1
-                continue
-            ids, labels = ids[:max_length], labels[:max_length]
-            st.truncated += 1
-        n_target = sum(1 for x in labels if x != IGNORE_INDEX)
-        if n_target == 0:
-            st.dropped_no_target += 1
-            continue
-        st.kept += 1
-        st.tokens += len(ids)
-        st.target_tokens += n_target
-        st.examples.append({"input_ids": ids, "labels": labels})
-    return st
+def n_trained(labels: list[int]) -> int:
+    """Labels the loss sees: the first position is never predicted (nothing comes before it)."""
+    return sum(1 for x in labels[1:] if x != IGNORE_INDEX)
 
 
+# ----------------------------------------------------------------------------- packing
+def pack(lengths: list[int], max_length: int) -> list[list[int]]:
+    """Best-fit decreasing: example indices grouped into rows of at most max_length tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin number), sorted
+    for i in order:
+        n = lengths[i]
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, b = free.pop(k)
+            bins[b].append(i)
+            bisect.insort(free, (room - n, b))
+        else:
+            bins.append([i])
+            bisect.insort(free, (max_length - n, len(bins) - 1))
+    return bins
+
+
+def packed_row(examples: list[dict]) -> dict:
+    """Concatenate examples; position ids restart at each one, which makes the attention block-diagonal
+    (transformers builds the mask from the position ids when no attention mask is given), and the first
+    token of each example is not a target (it would be predicted from the previous example)."""
+    ids, labels, pos = [], [], []
+    for e in examples:
+        ids += e["input_ids"]
+        labels += [IGNORE_INDEX] + list(e["labels"][1:])
+        pos += list(range(len(e["input_ids"])))
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+# ----------------------------------------------------------------------------- batches
 def collate(examples: list[dict], pad_id: int, pad_to_multiple_of: int | None = None):
-    """Right-pad a list of examples into tensors input_ids, attention_mask, labels."""
+    """Right-pad examples into tensors. Unpacked rows get an attention mask; packed rows (with
+    position_ids) get position ids instead, the padding being one more short sequence with no targets."""
     import torch
 
     n = max(len(e["input_ids"]) for e in examples)
@@ -68,10 +97,17 @@ def collate(examples: list[dict], pad_id: int, pad_to_multiple_of: int | None = 
         n = -(-n // pad_to_multiple_of) * pad_to_multiple_of
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), n), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    packed = "position_ids" in examples[0]
+    mask = torch.arange(n).repeat(len(examples), 1) if packed else torch.zeros((len(examples), n), dtype=torch.long)
     for i, e in enumerate(examples):
         k = len(e["input_ids"])
         ids[i, :k] = torch.tensor(e["input_ids"])
         labels[i, :k] = torch.tensor(e["labels"])
-        mask[i, :k] = 1
+        if packed:
+            mask[i, :k] = torch.tensor(e["position_ids"])
+            mask[i, k:] = torch.arange(n - k)
+        else:
+            mask[i, :k] = 1
+    if packed:
+        return {"input_ids": ids, "position_ids": mask, "labels": labels}
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -24,6 +24,7 @@ class EvalConfig:
     max_new_tokens: int = 32
     batch_size: int = 16
     name: Optional[str] = None
+    split: str = "validation"  # validation | test | train
 
 
 def _load_models(run: Path, manifest: dict, cfg, device):
@@ -57,7 +58,7 @@ def run_eval(ecfg: EvalConfig, console=None) -> dict:
     from rich.table import Table
 
     from .. import models
-    from ..data.pipeline import load_splits, render
+    from ..data import pipeline
     from ..registry import METRICS
     from .generate import generate
 
@@ -76,14 +77,17 @@ def run_eval(ecfg: EvalConfig, console=None) -> dict:
     if manifest.get("status") != "finished":
         raise RunDirError(f"run={run}: the run is {manifest.get('status')}, not finished")
     cfg = OmegaConf.load(run / "config.yaml")
-    splits = load_splits(cfg.data)
-    rows = splits.val_rows[: ecfg.limit] if ecfg.limit else splits.val_rows
-    if not rows:
-        raise ConfigError(f"run={run}: the run has no held-out rows to evaluate (data.val_fraction=0)")
-    pairs = render(rows, cfg.template.name, cfg.data.path)
-    prompts, refs = [p for p, _ in pairs], [c for _, c in pairs]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = models.load_tokenizer(Path(manifest["model_path"]))
+    split = pipeline.build(cfg, tokenizer).split(ecfg.split)
+    prompts, refs = split.prompts, split.references
+    if ecfg.limit:
+        prompts, refs = prompts[:ecfg.limit], refs[:ecfg.limit]
+    if not prompts:
+        raise ConfigError(f"run={run}: the run has no {ecfg.split} rows to evaluate"
+                          + (" (data.val_fraction=0)" if ecfg.split == "validation" else
+                             " (set data.test_fraction or data.test_path when training)" if ecfg.split == "test" else ""))
+    rows = prompts
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base_loader, tuned_loader = _load_models(run, manifest, cfg, device)
     which = [("tuned", tuned_loader)] + ([("base", base_loader)] if ecfg.compare == "base" else [])
     if ecfg.compare not in (None, "base"):
@@ -101,7 +105,7 @@ def run_eval(ecfg: EvalConfig, console=None) -> dict:
         results[label]["seconds"] = round(time.time() - t0, 1)
         preds_by[label] = (preds, {m: s[1] for m, s in scores.items()})
 
-    table = Table(title=f"{run} — {len(rows)} held-out rows")
+    table = Table(title=f"{run} — {len(rows)} {ecfg.split} rows")
     table.add_column("metric")
     for label, _ in which:
         table.add_column(label, justify="right")
@@ -118,7 +122,7 @@ def run_eval(ecfg: EvalConfig, console=None) -> dict:
     (run / "eval").mkdir(exist_ok=True)
     report = {"run": str(run), "rows": len(rows), "metrics": ecfg.metrics, "results": results,
               "settings": {"max_new_tokens": ecfg.max_new_tokens, "batch_size": ecfg.batch_size,
-                           "limit": ecfg.limit, "compare": ecfg.compare, "decoding": "greedy"}}
+                           "limit": ecfg.limit, "split": ecfg.split, "compare": ecfg.compare, "decoding": "greedy"}}
     lines = []
     for i, (p, r) in enumerate(zip(prompts, refs)):
         row = {"prompt": p, "reference": r}

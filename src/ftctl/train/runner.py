@@ -107,7 +107,7 @@ def _validation_loss(model, examples, batch_size, pad_id, device) -> float | Non
         for i in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
             n = int((batch["labels"][:, 1:] != -100).sum())
-            out = model(**batch, num_items_in_batch=n)
+            out = model(**batch, num_items_in_batch=n, use_cache=False)
             total += float(out.loss) * n
             count += n
     if was_training:
@@ -171,19 +171,22 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     # -- model and data: resolved before the run directory is touched, so bad input leaves nothing behind
     model_path = models.resolve(cfg.model.path, cfg.model.revision)
     tokenizer = models.load_tokenizer(model_path)
-    train_data, val_data, splits = pipeline.build(cfg.data, cfg.template.name, tokenizer)
+    bundle = pipeline.build(cfg, tokenizer)
+    train_data, val_data = bundle.train, bundle.validation
     prepare_output_dir(out, overwrite=cfg.overwrite, resume=bool(resume))
     handler = _setup_logging(out, debug)
     console.print(f"[bold]ftctl train[/] recipe={choices.get('recipe', '-')} model={cfg.model.name} "
                   f"method={cfg.peft.method} quant={cfg.quant.method} device={device} → {out}", highlight=False)
-    log.info("data %s: %d train rows kept of %d (%d too long dropped, %d truncated, %d without target); "
-             "%d validation rows", cfg.data.path, train_data.kept, train_data.rows, train_data.dropped_too_long,
-             train_data.truncated, train_data.dropped_no_target, val_data.kept)
-    for st, name in ((train_data, "train"), (val_data, "validation")):
-        if st.dropped_too_long or st.truncated or st.dropped_no_target:
-            console.print(f"[yellow]data ({name}):[/] {st.dropped_too_long} rows longer than data.max_length="
-                          f"{cfg.data.max_length} dropped, {st.truncated} truncated, {st.dropped_no_target} "
-                          "without a target dropped", highlight=False)
+    for sd in (train_data, val_data):
+        line = f"data ({sd.name}): {pipeline.describe(sd)}"
+        log.info("%s (%s)", line, cfg.data.path)
+        if sd.skipped_bad or sd.dropped_too_long or sd.truncated:
+            console.print(f"[yellow]{line}[/]", highlight=False)
+        for bad in sd.bad_examples:
+            console.print(f"  skipped: {bad}", highlight=False, markup=False)
+    log.info("data cache: %d hit(s), %d miss(es)", bundle.cache_hits, bundle.cache_misses)
+    if bundle.preference:
+        console.print("preference pairs with the SFT objective: training on prompt + chosen answer", highlight=False)
     quantized = cfg.quant.method != "none"
     model = models.load_model(model_path, cfg.model, cfg.quant, device)
     base_bytes = model.get_memory_footprint()
@@ -201,7 +204,8 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.trainer.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.trainer.lr)
-    steps = total_steps(cfg.trainer, train_data.kept)
+    n_rows = len(train_data.examples)
+    steps = total_steps(cfg.trainer, n_rows)
     warmup = cfg.trainer.warmup_steps if cfg.trainer.warmup_steps >= 0 else int(cfg.trainer.warmup_ratio * steps)
     scheduler = get_scheduler(cfg.trainer.scheduler if cfg.trainer.scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=warmup, num_training_steps=steps)
@@ -222,15 +226,16 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     manifest = {
         "ftctl_version": __version__, "versions": library_versions(), "git_commit": git_commit(),
         "command": "train", "recipe": choices.get("recipe"), "choices": choices,
-        "model_path": str(model_path), "data_path": cfg.data.path, "data_fingerprint": splits.fingerprint,
+        "model_path": str(model_path), "data_path": cfg.data.path, "data_fingerprint": bundle.fingerprint,
         "seed": cfg.seed, "device": str(device), "mixed_precision": mixed,
-        "train_rows": train_data.kept, "val_rows": val_data.kept, "total_steps": steps,
+        "train_rows": len(train_data.examples), "val_rows": val_data.kept,
+        "data": {sd.name: pipeline.describe(sd) for sd in (train_data, val_data)}, "total_steps": steps,
         "trainable_params": n_trainable, "total_params": n_total, "base_memory_bytes": base_bytes, "adapter": is_adapter,
         "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_json(out / "manifest.json", manifest)
     metrics = Metrics(out / "metrics.jsonl", resume_step=start_step if resume else None)
-    console.print(f"{train_data.kept} train rows, {val_data.kept} validation rows, {steps} steps, "
+    console.print(f"{n_rows} train rows, {val_data.kept} validation rows, {steps} steps, "
                   f"{n_trainable:,} trainable of {n_total:,} parameters", highlight=False)
 
     # -- loop
@@ -244,9 +249,11 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     try:
         with stop:
             for step in range(start_step, steps):
-                micro_batches = [collate([train_data.examples[i] for i in batch_indices(
-                    train_data.kept, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j)], pad_id)
+                micro_examples = [[train_data.examples[i] for i in batch_indices(
+                    n_rows, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j)]
                     for j in range(tc.grad_accum)]
+                micro_batches = [collate(exs, pad_id) for exs in micro_examples]
+                real_tokens = [sum(len(e["input_ids"]) for e in exs) for exs in micro_examples]
                 # normalise by the target tokens of the whole step, so accumulation equals one big batch
                 n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
                 step_loss = 0.0
@@ -254,10 +261,10 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                     batch = {k: v.to(device) for k, v in batch.items()}
                     sync = j == len(micro_batches) - 1
                     with nullcontext() if sync else accelerator.no_sync(model):
-                        loss = model(**batch, num_items_in_batch=n_items).loss
+                        loss = model(**batch, num_items_in_batch=n_items, use_cache=False).loss
                         accelerator.backward(loss)
                     step_loss += float(loss.detach())
-                    window_tokens += int(batch["attention_mask"].sum())
+                    window_tokens += real_tokens[j]
                 grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else None
                 done = step + 1
                 if grad_norm is not None:
@@ -268,7 +275,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                     optimizer.step()
                 elif tc.on_nan == "stop":
                     rows = [i for j in range(tc.grad_accum) for i in batch_indices(
-                        train_data.kept, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j)]
+                        n_rows, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j)]
                     raise NonFiniteError(
                         f"non-finite loss/gradient at step {done} (loss {step_loss}, training rows {rows}); the update "
                         "was not applied and the last good checkpoint is kept (trainer.on_nan=skip goes on instead)")
@@ -278,13 +285,13 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 last_loss = step_loss
-                tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro_batches)
+                tokens_seen += sum(real_tokens)
                 if done % tc.log_every == 0 or done == steps or done == start_step + 1:
                     now = time.time()
                     row = {"step": done, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
                            "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
                            "tokens": tokens_seen, "tokens_per_s": window_tokens / max(now - window_t, 1e-9),
-                           "epoch": round(done * tc.grad_accum * tc.batch_size / train_data.kept, 4),
+                           "epoch": round(done * tc.grad_accum * tc.batch_size / n_rows, 4),
                            "skipped_steps": skipped}
                     metrics.log(**row)
                     log.info("step %d loss %.4f lr %.3e tok/s %.0f", done, step_loss, row["lr"], row["tokens_per_s"])
