@@ -44,9 +44,9 @@ def test_bad_values_one_line_and_status(tmp_path, override, status, expect):
 @pytest.mark.parametrize("content, expect", [
     (b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output"', "rows.jsonl:2: not valid JSON"),
     (b'[{"instruction": "a", "output": "b"},', "rows.jsonl:1: not valid JSON"),
-    (b'\xff\xfe\x00garbage', "cannot read"),
-    (b'{"instruction": "a", "output": 5}\n', "no string field 'output'"),
-    (b'["just", "strings"]\n', "each line must be a JSON object"),
+    (b'\xff\xfe\x00garbage', "rows.jsonl:1: undecodable bytes"),
+    (b'{"instruction": "a", "output": 5}\n', "rows.jsonl:1: field 'output' must be a string (got int)"),
+    (b'["just", "strings"]\n', "rows.jsonl:1: not a JSON object"),
     (b'', "holds no rows"),
 ])
 def test_malformed_data_files(tmp_path, content, expect):

@@ -1,26 +1,35 @@
-"""Alpaca rendering and label masking against hand-written strings; sources; truncation."""
-import gzip
+"""Templates and masks against hand-written strings; bad rows; splits; mixing; packing equivalence;
+the tokenization cache. The tokenizer is the embedded model's (tiny_llama shares it)."""
 import json
+import re
 
 import pytest
-from conftest import write_jsonl
+from conftest import compose, write_jsonl
 
+from ftctl.data import pipeline
 from ftctl.data.builtin import demo_dates
-from ftctl.data.pipeline import load_splits
-from ftctl.data.sources import read_rows
-from ftctl.data.templates import alpaca
-from ftctl.data.tokenize import IGNORE_INDEX, collate, encode_pair, encode_rows
+from ftctl.data.preview import marked, runs
+from ftctl.data.templates import Context, alpaca, chat, completion, flan, parse_transcript, pick, preference
+from ftctl.data.tokenize import IGNORE_INDEX, collate, encode, encode_pair, pack, packed_row
 from ftctl.errors import DataError
 
+SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 
-def test_alpaca_with_input_exact_text():
-    prompt, completion = alpaca({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"})
-    assert prompt == (
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n"
-    )
-    assert completion == "5"
+
+def masked_runs(tokenizer, rendered, train_on="completion"):
+    ids, labels = encode(tokenizer, rendered, train_on)
+    return runs(tokenizer, ids, labels)
+
+
+# ----------------------------------------------------------------------------- alpaca
+def test_alpaca_with_input_exact_text_and_mask(tokenizer):
+    r = alpaca({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"})
+    prompt = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+              "Write a response that appropriately completes the request.\n\n"
+              "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n")
+    assert (r.prompt, r.reference) == (prompt, "5")
+    assert masked_runs(tokenizer, r) == [(prompt, False), ("5<|im_end|>", True)]
+    assert masked_runs(tokenizer, r, "all") == [(prompt + "5<|im_end|>", True)]
 
 
 @pytest.mark.parametrize("row", [
@@ -29,54 +38,352 @@ def test_alpaca_with_input_exact_text():
     {"instruction": "Say hi.", "input": "   ", "output": "Hi!"},
 ])
 def test_alpaca_without_input_exact_text(row):
-    prompt, completion = alpaca(row)
-    assert prompt == (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\nSay hi.\n\n### Response:\n"
-    )
-    assert completion == "Hi!"
+    r = alpaca(row)
+    assert r.prompt == ("Below is an instruction that describes a task. "
+                        "Write a response that appropriately completes the request.\n\n"
+                        "### Instruction:\nSay hi.\n\n### Response:\n")
+    assert r.text == r.prompt + "Hi!"
 
 
-def test_alpaca_missing_field():
-    with pytest.raises(DataError, match="'output'"):
-        alpaca({"instruction": "x"})
+@pytest.mark.parametrize("row, expect", [
+    ({"instruction": "x"}, "field 'output' is missing"),
+    ({"instruction": "x", "output": 5}, "field 'output' must be a string (got int)"),
+    ({"instruction": "x", "output": "  "}, "field 'output' is empty"),
+    ({"instruction": ["x"], "output": "y"}, "field 'instruction' must be a string (got list)"),
+])
+def test_alpaca_bad_fields(row, expect):
+    with pytest.raises(DataError, match=re.escape(expect)):
+        alpaca(row)
 
 
 def test_label_mask_covers_exactly_the_response(tokenizer):
-    prompt, completion = alpaca({"instruction": "Convert this date to ISO 8601 format (YYYY-MM-DD).",
-                                 "input": "March 5, 2021", "output": "2021-03-05"})
-    ids, labels = encode_pair(tokenizer, prompt, completion)
-    assert len(ids) == len(labels)
+    ids, labels = encode_pair(tokenizer, "### Response:\n", "2021-03-05")
     n_prompt = sum(1 for x in labels if x == IGNORE_INDEX)
-    # everything up to the response is masked; what is trained on is the answer and then EOS
-    assert tokenizer.decode(ids[:n_prompt]) == prompt
-    assert all(x == IGNORE_INDEX for x in labels[:n_prompt])
-    target = [x for x in labels if x != IGNORE_INDEX]
-    assert target == ids[n_prompt:]
-    assert tokenizer.decode(target) == "2021-03-05<|im_end|>"
-    assert target[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids[:n_prompt]) == "### Response:\n"
+    assert [x for x in labels if x != IGNORE_INDEX] == ids[n_prompt:]
+    assert ids[-1] == tokenizer.eos_token_id
 
 
-def test_truncation_modes_are_counted(tokenizer):
-    pairs = [("short prompt\n", "ok"), ("a much longer prompt " * 20, "answer"), ("p", "")]
-    st = encode_rows(tokenizer, pairs, max_length=30, truncation="drop")
-    # an empty output still trains EOS (stop at once), so it is kept
-    assert (st.kept, st.dropped_too_long, st.dropped_no_target) == (2, 1, 0)
-    st = encode_rows(tokenizer, pairs, max_length=30, truncation="truncate")
-    # the long row's prompt alone fills max_length: cut to 30 tokens no target is left, so it is dropped
-    assert (st.truncated, st.kept, st.dropped_no_target) == (1, 2, 1)
-    assert all(len(e["input_ids"]) <= 30 for e in st.examples)
-    with pytest.raises(DataError, match="row 1 has .* tokens > data.max_length=30"):
-        encode_rows(tokenizer, pairs, max_length=30, truncation="error")
+# ----------------------------------------------------------------------------- flan
+PHRASINGS = ["{{dialogue}}\n\nBriefly summarize that dialogue.|||{{summary}}",
+             "Summarize this dialogue:\n{{dialogue}}|||{{summary}}"]
 
 
-def test_collate_pads_right_and_masks(tokenizer):
-    ex = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
-    b = collate(ex, pad_id=0)
-    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+def test_flan_renders_the_chosen_phrasing(tokenizer):
+    row = {"dialogue": "#Person1#: Hi.\n#Person2#: Hello.", "summary": "They greet."}
+    ctx = Context(cfg={"phrasings": PHRASINGS}, tokenizer=tokenizer, seed=7)
+    r = flan(row, ctx)
+    expected_prompt = {0: "#Person1#: Hi.\n#Person2#: Hello.\n\nBriefly summarize that dialogue.\n",
+                       1: "Summarize this dialogue:\n#Person1#: Hi.\n#Person2#: Hello.\n"}[pick(7, row, 2)]
+    assert (r.prompt, r.reference) == (expected_prompt, "They greet.")
+    assert masked_runs(tokenizer, r) == [(expected_prompt, False), ("They greet.<|im_end|>", True)]
+    assert flan(row, ctx).prompt == r.prompt  # deterministic
+
+
+def test_flan_phrasing_varies_across_rows_and_follows_the_seed():
+    rows = [{"dialogue": f"d{i}", "summary": "s"} for i in range(40)]
+    picks = [pick(1, r, 5) for r in rows]
+    assert len(set(picks)) == 5  # every phrasing gets used
+    assert picks != [pick(2, r, 5) for r in rows]
+
+
+def test_flan_errors_name_the_problem(tokenizer):
+    with pytest.raises(DataError, match="'summary' is undefined"):
+        flan({"dialogue": "x"}, Context(cfg={"phrasings": PHRASINGS}, tokenizer=tokenizer))
+    with pytest.raises(DataError, match=r"exactly once"):
+        flan({"a": "x"}, Context(cfg={"phrasings": ["{{a}} no separator"]}))
+    with pytest.raises(DataError, match="refused by the template sandbox"):
+        flan({"a": "x"}, Context(cfg={"phrasings": ["{{ a.__class__.__mro__ }}|||x"]}))
+
+
+# ----------------------------------------------------------------------------- chat
+MSGS = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+
+
+def test_chat_equals_apply_chat_template_text_and_tokens(tokenizer):
+    ctx = Context(cfg={"name": "chat"}, tokenizer=tokenizer)
+    r = chat({"messages": MSGS}, ctx)
+    assert r.text == tokenizer.apply_chat_template(MSGS, tokenize=False)
+    ids, _ = encode(tokenizer, r, "all")
+    want = tokenizer.apply_chat_template(MSGS, tokenize=True)
+    assert ids == list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert r.prompt == tokenizer.apply_chat_template(MSGS[:3], tokenize=False, add_generation_prompt=True)
+    assert r.reference == "4"
+
+
+def test_chat_masks_for_each_train_on(tokenizer):
+    r = chat({"messages": MSGS}, Context(cfg={}, tokenizer=tokenizer))
+    head = SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    mid = "\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    every = [(head, False), ("Hello!<|im_end|>", True), (mid, False), ("4<|im_end|>", True), ("\n", False)]
+    assert masked_runs(tokenizer, r, "completion") == every
+    assert masked_runs(tokenizer, r, "assistant") == every
+    assert masked_runs(tokenizer, r, "last") == [(head + "Hello!<|im_end|>" + mid, False), ("4<|im_end|>", True),
+                                                 ("\n", False)]
+    assert masked_runs(tokenizer, r, "all") == [(r.text, True)]
+
+
+def test_chat_prompt_completion_rows_train_on_the_completion_only(tokenizer):
+    row = {"prompt": MSGS[:3], "completion": [MSGS[3]]}
+    r = chat(row, Context(cfg={}, tokenizer=tokenizer))
+    assert r.text == tokenizer.apply_chat_template(MSGS, tokenize=False)
+    assert [t for t, trained in masked_runs(tokenizer, r, "completion") if trained] == ["4<|im_end|>"]
+    assert [t for t, trained in masked_runs(tokenizer, r, "assistant") if trained] == ["Hello!<|im_end|>",
+                                                                                       "4<|im_end|>"]
+
+
+def test_chat_system_tools_and_own_jinja_template(tokenizer):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+                "name": "weather", "arguments": {"city": "Paris"}}}]},
+            {"role": "tool", "content": "18C"}, {"role": "assistant", "content": "18C in Paris."}]
+    own = ("{% for m in messages %}[{{ m.role }}]{% if m.tool_calls %}CALL {{ m.tool_calls[0].function.name }}"
+           "{{ m.tool_calls[0].function.arguments | tojson }}{% else %}{{ m.content }}{% endif %}{{ eos_token }}"
+           "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+    r = chat({"messages": msgs}, Context(cfg={"chat_template": own}, tokenizer=tokenizer))
+    assert r.text == ('[system]Be brief.<|im_end|>[user]Weather?<|im_end|>[assistant]CALL weather{"city": "Paris"}'
+                      '<|im_end|>[tool]18C<|im_end|>[assistant]18C in Paris.<|im_end|>')
+    assert [t for t, trained in masked_runs(tokenizer, r) if trained] == [
+        'CALL weather{"city": "Paris"}<|im_end|>', "18C in Paris.<|im_end|>"]
+    assert [t for t, trained in masked_runs(tokenizer, r, "last") if trained] == ["18C in Paris.<|im_end|>"]
+    # the tokenizer's template with a system message from the config
+    r = chat({"messages": MSGS[:2]}, Context(cfg={"system": "Be brief."}, tokenizer=tokenizer))
+    assert r.text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi")
+
+
+def test_chat_template_sandbox_and_bad_messages(tokenizer):
+    evil = "{{ messages.__class__.__init__.__globals__ }}"
+    with pytest.raises(DataError, match="refused by the template sandbox"):
+        chat({"messages": MSGS}, Context(cfg={"chat_template": evil}, tokenizer=tokenizer))
+    with pytest.raises(DataError, match=r"field 'messages\[0\].role' is 'robot'"):
+        chat({"messages": [{"role": "robot", "content": "x"}]}, Context(cfg={}, tokenizer=tokenizer))
+    with pytest.raises(DataError, match="no assistant turn"):
+        chat({"messages": MSGS[:1]}, Context(cfg={}, tokenizer=tokenizer))
+    with pytest.raises(DataError, match="is empty"):
+        chat({"messages": MSGS[:3] + [{"role": "assistant", "content": " "}]}, Context(cfg={}, tokenizer=tokenizer))
+
+
+def test_transcript_string_parses_to_messages():
+    assert parse_transcript("\n\nHuman: Hi there\n\nAssistant: Hello.\n\nHuman: Bye\n\nAssistant: Bye!") == [
+        {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]
+    with pytest.raises(DataError, match="transcript"):
+        parse_transcript("no turns here")
+
+
+# ----------------------------------------------------------------------------- completion
+def test_completion_pairs_and_raw_text(tokenizer):
+    r = completion({"prompt": "The capital of France is", "completion": " Paris."})
+    assert masked_runs(tokenizer, r) == [("The capital of France is", False), (" Paris.<|im_end|>", True)]
+    r = completion({"text": "Once upon a time."})
+    assert masked_runs(tokenizer, r) == [("Once upon a time.<|im_end|>", True)]
+    with pytest.raises(DataError, match="field 'completion' is empty"):
+        completion({"prompt": "x", "completion": ""})
+
+
+# ----------------------------------------------------------------------------- preference
+HH_C = "\n\nHuman: What is up?\n\nAssistant: Not much.\n\nHuman: ok bye\n\nAssistant: Bye!"
+HH_R = "\n\nHuman: What is up?\n\nAssistant: Not much.\n\nHuman: ok bye\n\nAssistant: Go away."
+
+
+def test_preference_plain_transcripts_split_the_shared_prompt(tokenizer):
+    p = preference({"chosen": HH_C, "rejected": HH_R}, Context(cfg={"style": "plain"}, tokenizer=tokenizer))
+    prompt = "\n\nHuman: What is up?\n\nAssistant: Not much.\n\nHuman: ok bye\n\nAssistant:"
+    assert p.chosen.prompt == p.rejected.prompt == prompt
+    assert masked_runs(tokenizer, p.chosen) == [(prompt, False), (" Bye!<|im_end|>", True)]
+    assert masked_runs(tokenizer, p.rejected) == [(prompt, False), (" Go away.<|im_end|>", True)]
+    p = preference({"prompt": "Q: 1+1?\nA:", "chosen": " 2", "rejected": " 3"}, Context(cfg={}, tokenizer=tokenizer))
+    assert (p.chosen.text, p.rejected.text) == ("Q: 1+1?\nA: 2", "Q: 1+1?\nA: 3")
+
+
+def test_preference_chat_form_equals_the_chat_template(tokenizer):
+    p = preference({"chosen": HH_C, "rejected": HH_R}, Context(cfg={"style": "chat"}, tokenizer=tokenizer))
+    msgs = parse_transcript(HH_C)
+    assert p.chosen.text == tokenizer.apply_chat_template(msgs, tokenize=False)
+    # only the final answer is trained, not the earlier assistant turn of the shared prompt
+    for train_on in ("completion", "assistant", "last"):
+        assert [t for t, trained in masked_runs(tokenizer, p.rejected, train_on) if trained] == ["Go away.<|im_end|>"]
+    with pytest.raises(DataError, match="identical"):
+        preference({"chosen": HH_C, "rejected": HH_C}, Context(cfg={"style": "chat"}, tokenizer=tokenizer))
+
+
+# ----------------------------------------------------------------------------- pipeline
+def _cfg(tmp_path, path, *extra, template="alpaca"):
+    return compose("model=tiny_llama", f"template={template}", f"data.path={path}", "data.val_fraction=0", *extra)[0]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTCTL_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+ROWS = [{"instruction": f"Repeat {i}.", "output": f"{i}"} for i in range(8)]
+
+
+@pytest.mark.parametrize("line, expect", [
+    ('{"instruction": "a", "output": "b"', "rows.jsonl:3: not valid JSON"),
+    ('{"instruction": "a"}', "rows.jsonl:3: field 'output' is missing"),
+    ('{"instruction": "a", "output": 7}', "rows.jsonl:3: field 'output' must be a string (got int)"),
+    ('{"instruction": "a", "output": ""}', "rows.jsonl:3: field 'output' is empty"),
+    (b'{"instruction": "a", "output": "\xff"}', "rows.jsonl:3: undecodable bytes"),
+])
+def test_each_bad_row_kind_names_file_line_and_field_or_is_skipped(tmp_path, cache, tokenizer, line, expect):
+    f = tmp_path / "rows.jsonl"
+    good = "".join(json.dumps(r) + "\n" for r in ROWS[:2]).encode()
+    f.write_bytes(good + (line if isinstance(line, bytes) else line.encode()) + b"\n" + good)
+    with pytest.raises(DataError, match=re.escape(expect)):
+        pipeline.build(_cfg(tmp_path, f), tokenizer)
+    b = pipeline.build(_cfg(tmp_path, f, "data.bad_rows=skip"), tokenizer)
+    assert (b.train.rows, b.train.kept, b.train.skipped_bad) == (5, 4, 1)
+    assert b.train.bad_examples[0].startswith(str(f) + ":3: ")
+
+
+def test_all_masked_rows_never_reach_the_loss(tmp_path, cache, tokenizer):
+    rows = [{"messages": MSGS}, {"messages": [{"role": "user", "content": "a" * 400}, MSGS[1]]}]
+    f = write_jsonl(tmp_path / "chat.jsonl", rows)
+    cfg = _cfg(tmp_path, f, "data.max_length=60", "data.overlong=truncate", template="chat")
+    with pytest.raises(DataError, match=r"chat.jsonl:2: data.max_length=60 cut every trained token"):
+        pipeline.build(cfg, tokenizer)
+    b = pipeline.build(_cfg(tmp_path, f, "data.max_length=60", "data.overlong=truncate", "data.bad_rows=skip",
+                            template="chat"), tokenizer)
+    assert b.train.kept == 1 and b.train.skipped_bad == 1
+    assert all(any(x != IGNORE_INDEX for x in e["labels"][1:]) for e in b.train.examples)
+
+
+def test_overlong_policies_are_counted(tmp_path, cache, tokenizer):
+    rows = ROWS[:3] + [{"instruction": "long " * 100, "output": "x"}]
+    f = write_jsonl(tmp_path / "rows.jsonl", rows)
+    b = pipeline.build(_cfg(tmp_path, f, "data.max_length=64"), tokenizer)
+    assert (b.train.kept, b.train.dropped_too_long, b.train.truncated) == (3, 1, 0)
+    with pytest.raises(DataError, match=r"rows.jsonl:4: \d+ tokens > data.max_length=64"):
+        pipeline.build(_cfg(tmp_path, f, "data.max_length=64", "data.overlong=error"), tokenizer)
+    b = pipeline.build(_cfg(tmp_path, f, "data.max_length=64", "data.overlong=truncate", "data.train_on=all"), tokenizer)
+    assert (b.train.kept, b.train.truncated) == (4, 1) and max(b.train.lengths) == 64
+
+
+def test_column_mapping_fits_any_file(tmp_path, cache, tokenizer):
+    f = write_jsonl(tmp_path / "qa.jsonl", [{"q": "Capital of France?", "a": "Paris"}])
+    b = pipeline.build(_cfg(tmp_path, f, "+data.columns.instruction=q", "+data.columns.output=a"), tokenizer)
+    assert b.train.references == ["Paris"] and "### Instruction:\nCapital of France?" in b.train.prompts[0]
+    with pytest.raises(DataError, match=r"field 'answer' is missing \(data.columns.output=answer\)"):
+        pipeline.build(_cfg(tmp_path, f, "+data.columns.instruction=q", "+data.columns.output=answer"), tokenizer)
+
+
+def test_splits_by_ratio_are_seeded_disjoint_and_stable(tmp_path, cache, tokenizer):
+    cfg = compose("model=tiny_llama", "data.val_fraction=0.1", "data.test_fraction=0.2")[0]
+    a, b = pipeline.build(cfg, tokenizer), pipeline.build(cfg, tokenizer)
+    assert (a.train.rows, a.validation.rows, a.test.rows) == (840, 120, 240)
+    assert a.validation.references == b.validation.references
+    sets = [set(s.references) for s in (a.train, a.validation, a.test)]  # every demo date is distinct
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    c = pipeline.build(compose("model=tiny_llama", "data.val_fraction=0.1", "data.test_fraction=0.2",
+                               "data.split_seed=5")[0], tokenizer)
+    assert set(c.validation.references) != sets[1]
+
+
+def test_splits_given_as_files(tmp_path, cache, tokenizer):
+    tr = write_jsonl(tmp_path / "train.jsonl", ROWS[:6])
+    va = write_jsonl(tmp_path / "val.jsonl", ROWS[6:7])
+    te = write_jsonl(tmp_path / "test.jsonl", ROWS[7:])
+    b = pipeline.build(_cfg(tmp_path, tr, f"data.val_path={va}", f"data.test_path={te}"), tokenizer)
+    assert (b.train.kept, b.validation.references, b.test.references) == (6, ["6"], ["7"])
+
+
+def test_mixing_adds_weighted_replay_rows(tmp_path, cache, tokenizer):
+    task = write_jsonl(tmp_path / "task.jsonl", ROWS)
+    general = write_jsonl(tmp_path / "general.jsonl", [{"q": f"general {i}", "a": "ok"} for i in range(3)])
+    b = pipeline.build(_cfg(tmp_path, task, f"+data.mix=[{{path:{general},weight:0.5,columns:{{instruction:q,output:a}}}}]"),
+                       tokenizer)
+    assert b.train.kept == 8 and b.train.mixed_in == 4 and len(b.train.examples) == 12
+    texts = [tokenizer.decode(e["input_ids"]) for e in b.train.examples[8:]]
+    assert sum("general" in t for t in texts) == 4
+
+
+def test_tokenization_cache_is_reused_and_invalidated(tmp_path, cache, tokenizer, tiny_model_path):
+    f = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    first = pipeline.build(_cfg(tmp_path, f), tokenizer)
+    again = pipeline.build(_cfg(tmp_path, f), tokenizer)
+    assert (first.cache_misses, again.cache_hits, again.cache_misses) == (1, 1, 0)
+    assert again.train.examples == first.train.examples
+    # the bad-row policy and the split come after the cache
+    assert pipeline.build(_cfg(tmp_path, f, "data.bad_rows=skip", "data.val_fraction=0.25"), tokenizer).cache_hits == 1
+    # a change to the data, the template, the masking or the tokenizer is a miss
+    write_jsonl(f, ROWS[:7] + [{"instruction": "Repeat 7.", "output": "seven"}])
+    changed = pipeline.build(_cfg(tmp_path, f), tokenizer)
+    assert changed.cache_misses == 1 and changed.train.references[-1] == "seven"
+    assert pipeline.build(_cfg(tmp_path, f, "data.train_on=all"), tokenizer).cache_misses == 1
+    g = write_jsonl(tmp_path / "c.jsonl", [{"prompt": r["instruction"], "completion": r["output"]} for r in ROWS])
+    assert pipeline.build(_cfg(tmp_path, g, template="completion"), tokenizer).cache_misses == 1
+    assert pipeline.build(_cfg(tmp_path, g, template="completion"), tokenizer).cache_hits == 1
+    from ftctl.models import load_tokenizer
+
+    other = load_tokenizer(tiny_model_path)
+    other.add_tokens(["<new-token>"])
+    assert pipeline.build(_cfg(tmp_path, g, template="completion"), other).cache_misses == 1
+    # a damaged cache entry is rebuilt, not trusted
+    for entry in cache.glob("data/*/data-*.arrow"):
+        entry.write_bytes(b"garbage")
+    rebuilt = pipeline.build(_cfg(tmp_path, f), tokenizer)
+    assert rebuilt.cache_misses == 1 and rebuilt.train.references[-1] == "seven"
+
+
+# ----------------------------------------------------------------------------- packing
+def test_pack_fits_rows_and_restarts_positions():
+    bins = pack([5, 3, 4, 2, 6, 1], 8)
+    assert sorted(i for b in bins for i in b) == list(range(6))
+    assert all(sum([5, 3, 4, 2, 6, 1][i] for i in b) <= 8 for b in bins) and len(bins) == 3
+    row = packed_row([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [-100, 5]}])
+    assert row == {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, -100, 5], "position_ids": [0, 1, 2, 0, 1]}
+    b = collate([row, {"input_ids": [7], "labels": [7], "position_ids": [0]}], pad_id=0)
+    assert "attention_mask" not in b and b["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
+
+
+def test_packed_and_unpacked_give_the_same_loss_and_gradients(tokenizer, tiny_model_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    rows = [alpaca({"instruction": f"Convert {d} to ISO.", "output": o}) for d, o in
+            [("March 5, 2021", "2021-03-05"), ("1 Jan 1999", "1999-01-01"), ("the 3rd of May, 2000", "2000-05-03"),
+             ("Dec 9, 1987", "1987-12-09"), ("7 July 2011", "2011-07-07")]]
+    exs = [dict(zip(("input_ids", "labels"), encode(tokenizer, r, "all"))) for r in rows]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, torch_dtype=torch.float32)
+    model.train()
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        loss = model(**batch, num_items_in_batch=n, use_cache=False).loss
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    # the same targets the packed row trains: each example's first token is never predicted
+    unpacked = collate(exs, tokenizer.pad_token_id)
+    bins = pack([len(e["input_ids"]) for e in exs], 3 * max(len(e["input_ids"]) for e in exs))
+    assert len(bins) < len(exs)
+    packed = collate([packed_row([exs[i] for i in b]) for b in bins], tokenizer.pad_token_id)
+    l1, g1 = loss_and_grads(unpacked)
+    l2, g2 = loss_and_grads(packed)
+    assert abs(l1 - l2) < 1e-5, (l1, l2)
+    assert max(float((a - b).abs().max()) for a, b in zip(g1, g2)) < 1e-5
+    # without restarting positions (one long sequence) the loss differs: the test can fail
+    wrong = {k: v for k, v in packed.items() if k != "position_ids"}
+    assert abs(loss_and_grads(wrong)[0] - l1) > 1e-4
+
+
+def test_packing_in_the_pipeline_reports_efficiency(tmp_path, cache, tokenizer):
+    b = pipeline.build(compose("model=tiny_llama", "data.packing=true", "data.max_length=256")[0], tokenizer)
+    assert b.train.packed_rows == len(b.train.examples) < b.train.kept
+    assert b.train.packing_efficiency == pytest.approx(b.train.tokens / (256 * b.train.packed_rows))
+    assert b.train.packing_efficiency > 0.85
+    assert sum(len(e["input_ids"]) for e in b.train.examples) == b.train.tokens
+
+
+# ----------------------------------------------------------------------------- preview and demo data
+def test_preview_marks_trained_tokens(tokenizer):
+    r = alpaca({"instruction": "Say hi.", "output": "Hi!"})
+    assert marked(masked_runs(tokenizer, r)) == r.prompt + "⟦Hi!<|im_end|>⟧"
 
 
 def test_demo_dataset_is_deterministic_and_correct():
@@ -91,38 +398,11 @@ def test_demo_dataset_is_deterministic_and_correct():
     assert any(r["input"] for r in rows) and any(not r["input"] for r in rows)
 
 
-def test_split_is_stable_and_disjoint():
-    class D:  # the fields load_splits reads
-        path, val_path, val_fraction, limit = "builtin:demo_dates", None, 0.1, None
-    a, b = load_splits(D), load_splits(D)
-    assert a.val_rows == b.val_rows and len(a.val_rows) == 120 and len(a.train_rows) == 1080
-    assert not {r["output"] for r in a.val_rows} & {r["output"] for r in a.train_rows}
-
-
-def test_sources_json_jsonl_gz(tmp_path):
-    rows = [{"instruction": "a", "output": "b"}, {"instruction": "c", "input": "d", "output": "e"}]
-    write_jsonl(tmp_path / "x.jsonl", rows)
-    (tmp_path / "x.json").write_text(json.dumps(rows))
-    (tmp_path / "x.jsonl.gz").write_bytes(gzip.compress((tmp_path / "x.jsonl").read_bytes()))
-    for name in ("x.jsonl", "x.json", "x.jsonl.gz"):
-        got, fp = read_rows(str(tmp_path / name))
-        assert got == rows and len(fp) == 64
-
-
-def test_sources_errors_name_file_and_line(tmp_path):
-    with pytest.raises(DataError, match="no such file"):
-        read_rows(str(tmp_path / "missing.jsonl"))
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"instruction": "a", "output": "b"}\n{not json}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
-        read_rows(str(bad))
-
-
 def test_cli_data_errors_exit_2_and_leave_no_run(tmp_path):
     from conftest import run_cli
 
     bad = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "no output"}])
-    for path, expect in ((tmp_path / "missing.jsonl", "no such file"), (bad, "no string field 'output'")):
+    for path, expect in ((tmp_path / "missing.jsonl", "no such file"), (bad, ":2: field 'output' is missing")):
         out = tmp_path / "run"
         r = run_cli("train", "model=tiny_llama", "data=alpaca_file", f"data.path={path}", f"output_dir={out}")
         assert r.returncode == 2 and expect in r.stderr and str(path) in r.stderr, r.stderr

@@ -138,6 +138,11 @@ def _process(row: dict, tpl, ctx: Context, tokenizer, data_cfg) -> dict:
     return out
 
 
+def _where(spec: str) -> str:
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else spec
+
+
 def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_cfg, tokenizer, seed: int,
                     limit: int | None = None, tok_fp: str | None = None):
     """The cached, tokenized table of one source: a ``datasets.Dataset`` with one record per source
@@ -150,6 +155,7 @@ def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_c
     uses_seed = tcfg.get("name") == "flan"
     parts = {
         "version": PIPELINE_VERSION, "source": source_fingerprint(spec, key, split), "limit": limit,
+        "where": _where(spec),  # row locations (file:line) are part of the cached table
         "columns": dict(data_cfg.columns or {}), "template": tcfg, "seed": seed if uses_seed else None,
         "tokenizer": tok_fp or tokenizer_fingerprint(tokenizer), "train_on": data_cfg.train_on,
         "max_length": data_cfg.max_length, "overlong": data_cfg.overlong,

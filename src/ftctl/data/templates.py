@@ -197,6 +197,7 @@ class ChatRenderer:
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.source = ctx.get("chat_template")
+        self.where = "template.chat_template" if self.source else "the tokenizer's chat template"
         tok = ctx.tokenizer
         if tok is None:
             raise DataError("a chat template needs the model's tokenizer")
@@ -207,12 +208,19 @@ class ChatRenderer:
         if not messages and not generation_prompt:
             return ""
         tok = self.ctx.tokenizer
-        if self.source:
-            return jinja.render(self.source, where="template.chat_template", messages=messages,
-                                add_generation_prompt=generation_prompt, tools=tools,
-                                bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
         kwargs = {"tools": tools} if tools else {}
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
+        if self.source:  # rendered the way transformers renders every chat template: in its Jinja sandbox
+            kwargs["chat_template"] = self.source
+        try:
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
+        except Exception as e:
+            from jinja2.exceptions import SecurityError, TemplateError
+
+            if isinstance(e, SecurityError):
+                raise DataError(f"{self.where}: refused by the template sandbox ({e})") from e
+            if isinstance(e, TemplateError):
+                raise DataError(f"{self.where}: {e}") from e
+            raise
 
     def segments(self, messages: list[dict], n_prompt: int = 0, tools=None) -> list[Segment]:
         """Segments of the whole conversation. Assistant turns at index >= n_prompt are targets
