@@ -46,7 +46,7 @@ def test_target_modules_list():
     ("recipe=nope", "recipe=nope"),
     ("trainer.batch_size=0", "trainer.batch_size=0 must be > 0"),
     ("quant.method=int3", "quant.method='int3' is not allowed"),
-    ("data.truncation=cut", "data.truncation='cut' is not allowed"),
+    ("data.overlong=cut", "data.overlong='cut' is not allowed"),
 ])
 def test_config_errors_name_the_key(override, expect):
     with pytest.raises(ConfigError) as e:

@@ -45,6 +45,20 @@ def test_loss_goes_down(tmp_path, method, lr, drop):
     AutoTokenizer.from_pretrained(out / "adapter")
 
 
+def test_packed_training_runs_and_counts_real_tokens(tmp_path):
+    out = _train(tmp_path / "run", "trainer.max_steps=8", "trainer.lr=3e-2", "trainer.scheduler=constant",
+                 "data.packing=true", "data.max_length=256", "trainer.batch_size=2", "data.val_fraction=0.25")
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["status"] == "finished" and "packed into" in man["data"]["train"]
+    # 48 training rows of ~75 tokens packed 3 to a row: 16 rows; 8 steps x 2 rows = one epoch
+    assert man["train_rows"] < 48
+    rows = read_metrics(out)
+    losses = [m["loss"] for m in rows if "loss" in m]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert rows[-2 if "val_loss" in rows[-1] else -1]["epoch"] == pytest.approx(16 / man["train_rows"], abs=0.01)
+    assert any("val_loss" in m for m in rows)
+
+
 def test_batch_positions_cover_each_epoch_once():
     n, bs = 10, 4
     epoch0 = [i for k in range(3) for i in batch_indices(n, bs, 7, True, k)]
@@ -112,3 +126,19 @@ def test_multirun_sweep_records_a_failed_trial_and_goes_on(tmp_path):
     assert json.loads((trials[0] / "manifest.json").read_text())["status"] == "finished"
     assert json.loads((trials[0] / "adapter" / "adapter_config.json").read_text())["r"] == 4
     assert not (trials[1] / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("recipe, path", [("hh_rlhf_pairs", "hh_rlhf/harmless_base.jsonl.gz"),
+                                          ("sms_spam", "sms_spam/sms_spam.csv")])
+def test_shared_data_recipes_train_on_tiny_llama(tmp_path, recipe, path):
+    from conftest import SHARED_DATA
+
+    f = SHARED_DATA / path
+    if not f.is_file():
+        pytest.skip(f"{f} is absent (the shared datasets live beside the repository, in ../shared/data)")
+    cfg, choices = compose(f"recipe={recipe}", "model=tiny_llama", f"data.path={f}", "data.limit=60",
+                           "trainer.max_steps=2", "trainer.batch_size=2", f"output_dir={tmp_path / 'run'}")
+    out = train(cfg, choices)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["status"] == "finished" and man["recipe"] == recipe and man["train_rows"] > 0
+    assert len([m for m in read_metrics(out) if "loss" in m]) >= 1

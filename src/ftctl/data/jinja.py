@@ -22,7 +22,7 @@ def _compile(source: str):
 
 def render(source: str, where: str = "template", **values) -> str:
     """Render ``source`` with ``values``; unsafe attribute access or an undefined name is a DataError."""
-    from jinja2.exceptions import SecurityError, UndefinedError
+    from jinja2.exceptions import SecurityError, TemplateError, UndefinedError
 
     try:
         return _compile(source).render(**values)
@@ -30,3 +30,5 @@ def render(source: str, where: str = "template", **values) -> str:
         raise DataError(f"{where}: refused by the template sandbox ({e})") from e
     except UndefinedError as e:
         raise DataError(f"{where}: {e.message}") from e
+    except (TemplateError, TypeError, ValueError) as e:  # e.g. a field of the wrong type for the template
+        raise DataError(f"{where}: {type(e).__name__}: {e}") from e
