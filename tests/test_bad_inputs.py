@@ -157,14 +157,16 @@ def test_jinja_templates_render_sandboxed():
     from ftctl.data.jinja import render
     from ftctl.errors import DataError
 
-    assert render("Summarize: {{ dialogue }}", dialogue="#Person1#: hi") == "Summarize: #Person1#: hi"
+    assert render("Summarize: {{ dialogue }}", {"dialogue": "#Person1#: hi"}) == "Summarize: #Person1#: hi"
+    # row fields named like render's own parameters are plain values
+    assert render("{{ source }}/{{ where }}", {"source": "a", "where": "b"}) == "a/b"
     hostile = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
     with pytest.raises(DataError, match="refused by the template sandbox"):
-        render(hostile, where="recipes/x.yaml")
+        render(hostile, {}, where="recipes/x.yaml")
     with pytest.raises(DataError, match="refused by the template sandbox"):
-        render("{{ cycler.__init__.__globals__.os.system('touch /tmp/ftctl-pwned') }}")
+        render("{{ cycler.__init__.__globals__.os.system('touch /tmp/ftctl-pwned') }}", {})
     with pytest.raises(DataError, match="'summary' is undefined"):
-        render("{{ summary }}")
+        render("{{ summary }}", {})
 
 
 def test_adapter_on_the_wrong_base_is_refused(tmp_path):

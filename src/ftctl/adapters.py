@@ -29,7 +29,7 @@ def _prepare(model, quantized: bool, gradient_checkpointing: bool):
 
 
 @ADAPTERS.register("lora")
-def lora(model, peft_cfg, quantized: bool = False, gradient_checkpointing: bool = False):
+def lora(model, peft_cfg, quantized: bool = False, gradient_checkpointing: bool = False, **extra):
     """LoRA (Hu et al., 2021) through peft; over a 4/8-bit base this is QLoRA."""
     from peft import LoraConfig, get_peft_model
 
@@ -37,11 +37,17 @@ def lora(model, peft_cfg, quantized: bool = False, gradient_checkpointing: bool 
     mts = OmegaConf.to_container(peft_cfg.modules_to_save) if peft_cfg.modules_to_save is not None else None
     config = LoraConfig(r=peft_cfg.r, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout,
                         target_modules=_target_modules(peft_cfg), bias=peft_cfg.bias,
-                        modules_to_save=mts, task_type="CAUSAL_LM")
+                        modules_to_save=mts, task_type="CAUSAL_LM", **extra)
     try:
         return get_peft_model(model, config)
     except ValueError as e:
         raise ConfigError(f"peft.target_modules={peft_cfg.target_modules}: {str(e).splitlines()[0]}") from e
+
+
+@ADAPTERS.register("dora")
+def dora(model, peft_cfg, quantized: bool = False, gradient_checkpointing: bool = False):
+    """DoRA (Liu et al., 2024): LoRA on the direction of each weight plus a trained magnitude vector."""
+    return lora(model, peft_cfg, quantized, gradient_checkpointing, use_dora=True)
 
 
 @ADAPTERS.register("full")

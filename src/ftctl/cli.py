@@ -11,8 +11,16 @@ usage: ftctl [--debug] <command> [args]
 commands:
   train [-m] [--cfg job] [recipe=NAME] [group=option ...] [key=value ...]
         fine-tune; -m runs a sweep (e.g. peft.r=4,8,16); --cfg job prints the composed config
-  eval METRIC [METRIC ...] run=DIR [compare=base] [limit=N] [max_new_tokens=N] [batch_size=N] [name=NAME]
-        generate on the run's held-out rows and score (metrics: exact_match, rougeL)
+  eval METRIC [METRIC ...] run=DIR|model=DIR [compare=base] [shots=K] [split=S] [limit=N] [key=value ...]
+        generate on held-out rows and score (exact_match rouge rougeL bleu accuracy f1 perplexity)
+  merge run=DIR [output=DIR] [dtype=float32|bfloat16|float16] [overwrite=true]
+        fold a LoRA-family adapter into the base weights; checks logits, writes a standalone model folder
+  quantize model=DIR method=nf4|int8|int8_weight_only|int4_weight_only|bitdelta [base=DIR] [output=DIR]
+        write a quantized copy; prints size before/after and held-out perplexity before/after
+  generate run=DIR|model=DIR prompt="..."|prompts=FILE [max_new_tokens=N] [do_sample=true] [output=FILE]
+        generate for one prompt or a file of prompts, wrapped as the run was trained (raw=true: as is)
+  chat run=DIR|model=DIR [system="..."] [do_sample=true]
+        talk to the model in the terminal, answers streamed (lines piped in are user turns)
   data preview [recipe=NAME] [n=3] [split=train|validation|test] [key=value ...]
         show rendered examples (trained tokens marked) and token statistics, without training
   recipes
@@ -120,6 +128,8 @@ def cmd_train(args: list[str], debug: bool) -> int:
 
 
 def cmd_eval(args: list[str]) -> int:
+    import dataclasses
+
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -129,15 +139,73 @@ def cmd_eval(args: list[str]) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
+    keys = {f.name for f in dataclasses.fields(EvalConfig)}
     metrics = [a for a in args if "=" not in a]
-    kv = [a for a in args if "=" in a]
+    kv = [a for a in args if "=" in a and a.split("=", 1)[0] in keys]
+    overrides = [a for a in args if "=" in a and a.split("=", 1)[0] not in keys]
     try:
         ecfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.from_dotlist(kv))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         raise ConfigError(f"eval: {key + ': ' if key else ''}{str(e).splitlines()[0]}") from e
     ecfg.metrics = list(ecfg.metrics) + metrics
-    run_eval(OmegaConf.to_object(ecfg), console=_console())
+    run_eval(OmegaConf.to_object(ecfg), overrides, console=_console())
+    return 0
+
+
+def _options(cls, args: list[str], command: str):
+    """key=value arguments into the dataclass ``cls``; one clear line for an unknown key or bad value."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .errors import ConfigError
+
+    keys = [f.name for f in dataclasses.fields(cls)]
+    for a in args:
+        if "=" not in a or a.split("=", 1)[0] not in keys:
+            raise ConfigError(f"{command}: unknown argument {a!r}; keys: {', '.join(k + '=' for k in keys)}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.from_dotlist(args)))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        raise ConfigError(f"{command}: {key + ': ' if key else ''}{str(e).splitlines()[0]}") from e
+
+
+def cmd_merge(args: list[str]) -> int:
+    from .merge import MergeConfig, merge
+
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    merge(_options(MergeConfig, args, "merge"), _console())
+    return 0
+
+
+def cmd_quantize(args: list[str]) -> int:
+    import dataclasses
+
+    from .quantize import QuantizeConfig, quantize
+
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    keys = {f.name for f in dataclasses.fields(QuantizeConfig)}
+    own = [a for a in args if a.split("=", 1)[0] in keys]
+    rest = [a for a in args if a.split("=", 1)[0] not in keys]
+    quantize(_options(QuantizeConfig, own, "quantize"), rest, _console())
+    return 0
+
+
+def cmd_generate(args: list[str], chat: bool) -> int:
+    from .chat import GenerateConfig, chat_cmd, generate_cmd
+
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    gcfg = _options(GenerateConfig, args, "chat" if chat else "generate")
+    (chat_cmd if chat else generate_cmd)(gcfg, _console())
     return 0
 
 
@@ -197,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
 
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        import logging
+
+        # torchao (imported by transformers/peft when installed) reports CUDA kernels it cannot load on a CPU
+        # machine, and torch's pytree module a deprecation: neither is the user's concern
+        logging.getLogger("torchao").setLevel(logging.ERROR)
+        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
     try:
         if cmd == "train":
@@ -207,7 +281,14 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_recipes(rest)
         if cmd == "data":
             return cmd_data(rest)
-        _err(f"unknown command '{cmd}' (commands: train, eval, data, recipes; see ftctl --help)")
+        if cmd == "merge":
+            return cmd_merge(rest)
+        if cmd == "quantize":
+            return cmd_quantize(rest)
+        if cmd in ("generate", "chat"):
+            return cmd_generate(rest, chat=cmd == "chat")
+        _err(f"unknown command '{cmd}' (commands: train, eval, merge, quantize, generate, chat, data, recipes; "
+             "see ftctl --help)")
         return 2
     except FtctlError as e:
         if debug:

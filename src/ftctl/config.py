@@ -54,9 +54,14 @@ class DataConfig:
     path: str = MISSING
     # which split of a save_to_disk DatasetDict or hub dataset (null: train)
     split: Optional[str] = None
+    # a hub dataset's configuration name (load_dataset(path, subset)), e.g. main for openai/gsm8k
+    subset: Optional[str] = None
     # template field -> dataset field, e.g. {output: summary1}
     columns: Dict[str, str] = field(default_factory=dict)
     mix: List[MixSource] = field(default_factory=list)
+    # fields holding the reference answers that eval scores against (several: best match), e.g.
+    # [summary1, summary2, summary3]; empty: the template's target
+    references: List[str] = field(default_factory=list)
     # separate validation / test files; when null, val_fraction / test_fraction of the rows are held out
     val_path: Optional[str] = None
     test_path: Optional[str] = None
@@ -150,6 +155,16 @@ class DistributedConfig:
 
 
 @dataclass
+class AfterTrainEval:
+    # metrics to score at the end of training (e.g. [rouge]); stored in eval/ and manifest.json
+    after_train: List[str] = field(default_factory=list)
+    split: str = "validation"
+    limit: Optional[int] = 100
+    max_new_tokens: int = 64
+    batch_size: int = 16
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -159,6 +174,7 @@ class TrainConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    eval: AfterTrainEval = field(default_factory=AfterTrainEval)
     description: str = ""
     # null: outputs/<recipe>/<timestamp>
     output_dir: Optional[str] = None
@@ -422,12 +438,27 @@ def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
     _allowed(cfg, "data.train_on", ("completion", "all", "assistant", "last"), files)
     _allowed(cfg, "data.bad_rows", ("error", "skip"), files)
     _allowed(cfg, "template.style", ("plain", "chat"), files)
+    known = registry.METRICS.names() + ["perplexity"]
+    for m in cfg.eval.after_train:
+        if m not in known:
+            raise ConfigError(f"{_locate('after_train', files)}eval.after_train: metric {m!r} is not known; "
+                              f"choose from: {', '.join(known)}")
+    _allowed(cfg, "eval.split", ("validation", "test", "train"), files)
     for i, m in enumerate(cfg.data.mix):
         if not m.weight > 0:
             raise ConfigError(f"{_locate('weight', files)}data.mix[{i}].weight={m.weight} must be > 0")
     if cfg.template.name == "flan" and not cfg.template.phrasings:
         raise ConfigError("template=flan needs template.phrasings (choose template=flan_summarize, flan_classify "
                           "or flan_qa, or give your own)")
+    from .data import jinja
+
+    for i, phrasing in enumerate(cfg.template.phrasings):
+        where = f"{_locate('phrasings', files)}template.phrasings[{i}]"
+        if "|||" not in phrasing:
+            raise ConfigError(f"{where}: no '|||' between prompt and target")
+        jinja.check(phrasing, where)
+    if cfg.template.chat_template:
+        jinja.check(cfg.template.chat_template, f"{_locate('chat_template', files)}template.chat_template")
     _allowed(cfg, "trainer.on_nan", ("stop", "skip"), files)
     _allowed(cfg, "distributed.strategy", ("single",), files)
     for key in ("trainer.batch_size", "trainer.grad_accum", "trainer.lr", "data.max_length",

@@ -230,6 +230,15 @@ def load_model(folder: Path, model_cfg, quant_cfg, device):
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
+    folder = Path(folder)
+    if (folder / "bitdelta.json").is_file():  # from ftctl quantize method=bitdelta: base + signs x scales
+        from .quantize import load_bitdelta
+
+        return load_bitdelta(folder).to(device)
+    saved_quant = "quantization_config" in json.loads((folder / "config.json").read_text()) \
+        if (folder / "config.json").is_file() else False
+    if saved_quant and quant_cfg.method == "none":  # a folder from ftctl quantize: it says how to load itself
+        return AutoModelForCausalLM.from_pretrained(folder, device_map={"": device}, use_safetensors=True)
     dtype = torch_dtype(model_cfg.dtype, device.type)
     compute = torch_dtype(quant_cfg.compute_dtype, device.type)
     qconf = QUANT.get(quant_cfg.method)(quant_cfg, compute)

@@ -20,12 +20,22 @@ def _compile(source: str):
         raise DataError(f"template line {e.lineno}: {e.message}") from e
 
 
-def render(source: str, where: str = "template", **values) -> str:
+def check(source: str, where: str) -> None:
+    """Compile ``source`` now, so a syntax error is a config error naming ``where``, not a bad row."""
+    try:
+        _compile(source)
+    except DataError as e:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{where}: {e.message}") from None
+
+
+def render(source: str, values: dict, where: str = "template") -> str:
     """Render ``source`` with ``values``; unsafe attribute access or an undefined name is a DataError."""
     from jinja2.exceptions import SecurityError, TemplateError, UndefinedError
 
     try:
-        return _compile(source).render(**values)
+        return _compile(source).render(values)
     except SecurityError as e:
         raise DataError(f"{where}: refused by the template sandbox ({e})") from e
     except UndefinedError as e:

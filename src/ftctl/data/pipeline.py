@@ -26,7 +26,7 @@ from .tokenize import IGNORE_INDEX, encode, n_trained, pack, packed_row
 
 log = logging.getLogger("ftctl")
 
-PIPELINE_VERSION = "3"  # bump when rendering or tokenization changes, so old caches are not reused
+PIPELINE_VERSION = "5"  # bump when rendering or tokenization changes, so old caches are not reused
 SHOW_BAD = 3  # how many skipped rows are named in the report
 
 
@@ -36,6 +36,7 @@ class SplitData:
     examples: list[dict] = field(default_factory=list, repr=False)  # what batches are made of
     prompts: list[str] = field(default_factory=list, repr=False)  # kept rows, for generation at eval
     references: list[str] = field(default_factory=list, repr=False)
+    all_references: list[list[str]] = field(default_factory=list, repr=False)  # data.references, for eval
     rows: int = 0  # rows in the split before any policy
     kept: int = 0
     skipped_bad: int = 0
@@ -49,6 +50,7 @@ class SplitData:
     packed_rows: int = 0
     packing_efficiency: float | None = None
     unpacked: list[dict] | None = field(default=None, repr=False)  # the examples before packing
+    mix_reports: list[str] = field(default_factory=list)  # one line per data.mix source (train split)
 
     def percentile(self, q: float) -> int:
         if not self.lengths:
@@ -81,7 +83,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
         h.update(backend.to_str().encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    for attr in ("chat_template", "bos_token", "eos_token", "pad_token"):
+    for attr in ("chat_template", "bos_token", "eos_token", "pad_token", "add_bos_token", "add_eos_token",
+                 "special_tokens_map"):
         h.update(f"\x00{attr}={getattr(tokenizer, attr, None)}".encode())
     return h.hexdigest()
 
@@ -93,32 +96,69 @@ def _cache_root() -> Path:
 
 
 # ----------------------------------------------------------------------------- one source
+def _lookup(row: dict, path: str):
+    """A field, or a nested one: ``answers.text.0`` is row["answers"]["text"][0]."""
+    value = row
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
+            value = value[int(part)]
+        else:
+            raise KeyError(path)
+    return value
+
+
 def _map_columns(row: dict, columns: dict) -> dict:
     if not columns:
         return row
     out = dict(row)
     for dst, src in columns.items():
-        if src not in row:
-            raise DataError(f"field '{src}' is missing (data.columns.{dst}={src})")
-        out[dst] = row[src]
+        try:
+            out[dst] = row[src] if src in row else _lookup(row, src)
+        except KeyError:
+            raise DataError(f"field '{src}' is missing (data.columns.{dst}={src})") from None
     return out
+
+
+def _name_mapped(message: str, columns: dict) -> str:
+    """Name the file's field in a template's message about a mapped field: 'answer (data.columns.output)'."""
+    for dst, src in columns.items():
+        message = message.replace(f"field '{dst}'", f"field '{src}' (data.columns.{dst})")
+    return message
+
+
+def _empty() -> dict:
+    return {"status": "ok", "error": "", "input_ids": [], "labels": [], "rejected_input_ids": [],
+            "rejected_labels": [], "prompt": "", "reference": "", "references": [], "length": 0, "truncated": False}
 
 
 def _process(row: dict, tpl, ctx: Context, tokenizer, data_cfg) -> dict:
     """One row -> a record of the cached table. Bad rows are marked, not raised: the policy comes later."""
-    out = {"status": "ok", "error": "", "input_ids": [], "labels": [], "rejected_input_ids": [],
-           "rejected_labels": [], "prompt": "", "reference": "", "length": 0, "truncated": False}
+    out = _empty()
+    columns = dict(data_cfg.columns or {})
     try:
-        rendered = tpl(_map_columns(row, dict(data_cfg.columns or {})), ctx)
+        row = _map_columns(row, columns)
+        rendered = tpl(row, ctx)
     except DataError as e:
-        out.update(status="bad", error=e.message)
+        out.update(status="bad", error=_name_mapped(e.message, columns))
         return out
+    try:
+        return _encode(rendered, row, out, tokenizer, data_cfg)
+    except UnicodeError:  # e.g. a lone surrogate escaped in JSON ("\ud83d"): not text a tokenizer can take
+        out.update(status="bad", error="undecodable text (an unpaired UTF-16 surrogate)")
+        return out
+
+
+def _encode(rendered, row: dict, out: dict, tokenizer, data_cfg) -> dict:
     pair = isinstance(rendered, Pair)
     chosen = rendered.chosen if pair else rendered
     seqs = [encode(tokenizer, chosen, data_cfg.train_on)]
     if pair:
         seqs.append(encode(tokenizer, rendered.rejected, data_cfg.train_on))
-    out.update(prompt=chosen.prompt, reference=chosen.reference, length=max(len(s[0]) for s in seqs))
+    refs = [row[f] for f in (data_cfg.get("references") or []) if isinstance(row.get(f), str) and row[f].strip()]
+    out.update(prompt=chosen.prompt, reference=chosen.reference, references=refs or [chosen.reference],
+               length=max(len(s[0]) for s in seqs))
     if out["length"] > data_cfg.max_length:
         if data_cfg.overlong != "truncate":
             out.update(status="too_long")
@@ -144,7 +184,7 @@ def _where(spec: str) -> str:
 
 
 def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_cfg, tokenizer, seed: int,
-                    limit: int | None = None, tok_fp: str | None = None):
+                    limit: int | None = None, tok_fp: str | None = None, subset: str | None = None):
     """The cached, tokenized table of one source: a ``datasets.Dataset`` with one record per source
     row (bad ones marked), and whether it came from the cache."""
     import datasets
@@ -154,11 +194,12 @@ def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_c
     tcfg = OmegaConf.to_container(template_cfg, resolve=True) if OmegaConf.is_config(template_cfg) else dict(template_cfg)
     uses_seed = tcfg.get("name") == "flan"
     parts = {
-        "version": PIPELINE_VERSION, "source": source_fingerprint(spec, key, split), "limit": limit,
+        "version": PIPELINE_VERSION, "source": source_fingerprint(spec, key, split, subset), "limit": limit,
         "where": _where(spec),  # row locations (file:line) are part of the cached table
         "columns": dict(data_cfg.columns or {}), "template": tcfg, "seed": seed if uses_seed else None,
         "tokenizer": tok_fp or tokenizer_fingerprint(tokenizer), "train_on": data_cfg.train_on,
         "max_length": data_cfg.max_length, "overlong": data_cfg.overlong,
+        "references": list(data_cfg.get("references") or []),
     }
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
     folder = _cache_root() / digest
@@ -170,12 +211,13 @@ def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_c
             log.warning("data cache %s unreadable (%s); rebuilding", folder, e)
             shutil.rmtree(folder, ignore_errors=True)
 
-    src = read_source(spec, key, split)
+    src = read_source(spec, key, split, subset)
     records = src.records[:limit] if limit else src.records
     table = datasets.Dataset.from_dict({
         "idx": list(range(len(records))),
         "loc": [r.loc for r in records],
-        "row": [json.dumps(r.row, ensure_ascii=False) if r.row is not None else "" for r in records],
+        # ASCII-escaped, and dates and the like as text, so any row survives the trip through Arrow
+        "row": [json.dumps(r.row, default=str) if r.row is not None else "" for r in records],
         "read_error": [r.error or "" for r in records],
     })
     tpl = TEMPLATES.get(tcfg.get("name", "alpaca"))
@@ -185,8 +227,7 @@ def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_c
         cols: dict[str, list] = {}
         for row_json, err in zip(batch["row"], batch["read_error"]):
             if err:
-                rec = {"status": "bad", "error": err, "input_ids": [], "labels": [], "rejected_input_ids": [],
-                       "rejected_labels": [], "prompt": "", "reference": "", "length": 0, "truncated": False}
+                rec = {**_empty(), "status": "bad", "error": err}
             else:
                 rec = _process(json.loads(row_json), tpl, ctx, tokenizer, data_cfg)
             for k, v in rec.items():
@@ -199,7 +240,8 @@ def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_c
         "labels": datasets.Sequence(datasets.Value("int32")),
         "rejected_input_ids": datasets.Sequence(datasets.Value("int32")),
         "rejected_labels": datasets.Sequence(datasets.Value("int32")), "prompt": datasets.Value("string"),
-        "reference": datasets.Value("string"), "length": datasets.Value("int64"), "truncated": datasets.Value("bool"),
+        "reference": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string")),
+        "length": datasets.Value("int64"), "truncated": datasets.Value("bool"),
     })
     show = len(records) >= 5000 and os.isatty(2)
     if not show:
@@ -278,10 +320,10 @@ def _apply(name: str, table, indices: list[int], data_cfg, where: str) -> SplitD
             keep.append(i)
     kept = sub.select(keep)
     cols = kept.select_columns(["input_ids", "labels", "rejected_input_ids", "rejected_labels", "prompt",
-                                "reference", "truncated"]).to_dict()
+                                "reference", "references", "truncated"]).to_dict()
     sd.kept = len(keep)
     sd.truncated = sum(cols["truncated"])
-    sd.prompts, sd.references = cols["prompt"], cols["reference"]
+    sd.prompts, sd.references, sd.all_references = cols["prompt"], cols["reference"], cols["references"]
     pref = any(cols["rejected_input_ids"])
     for j in range(sd.kept):
         ex = {"input_ids": cols["input_ids"][j], "labels": cols["labels"][j]}
@@ -320,14 +362,15 @@ def build(cfg, tokenizer, console=None) -> DataBundle:
     tok_fp = tokenizer_fingerprint(tokenizer)
     hits = misses = 0
 
-    def load(spec, key, split, limit=None, columns=None):
+    def load(spec, key, split, limit=None, columns=None, subset=None):
         nonlocal hits, misses
         dcfg = data_cfg if columns is None else _with_columns(data_cfg, columns)
-        table, hit = tokenize_source(spec, key, split, dcfg, cfg.template, tokenizer, seed, limit=limit, tok_fp=tok_fp)
+        table, hit = tokenize_source(spec, key, split, dcfg, cfg.template, tokenizer, seed, limit=limit, tok_fp=tok_fp,
+                                     subset=subset)
         hits, misses = hits + hit, misses + (not hit)
         return table
 
-    table = load(data_cfg.path, "data.path", data_cfg.split, data_cfg.limit)
+    table = load(data_cfg.path, "data.path", data_cfg.split, data_cfg.limit, subset=data_cfg.get("subset"))
     tr, va, te = split_indices(len(table), data_cfg.val_fraction, data_cfg.test_fraction, data_cfg.split_seed,
                                bool(data_cfg.val_path), bool(data_cfg.test_path))
     train = _apply("train", table, tr, data_cfg, data_cfg.path)
@@ -350,8 +393,9 @@ def build(cfg, tokenizer, console=None) -> DataBundle:
     for i, m in enumerate(data_cfg.mix or []):
         mt = load(m.path, f"data.mix[{i}].path", m.get("split"), columns=m.get("columns") or {})
         extra = _apply(f"mix[{i}]", mt, list(range(len(mt))), data_cfg, m.path)
-        train.mixed_in += _mix(train, extra, float(m.weight), data_cfg.split_seed + i + 1)
-        train.skipped_bad += extra.skipped_bad
+        added = _mix(train, extra, float(m.weight), data_cfg.split_seed + i + 1)
+        train.mixed_in += added
+        train.mix_reports.append(f"data.mix[{i}] {m.path}: {describe(extra)}; {added} rows added (weight {m.weight})")
         train.bad_examples += extra.bad_examples[:max(0, SHOW_BAD - len(train.bad_examples))]
         fps.append(mt._fingerprint)
     if train.mixed_in:
@@ -389,7 +433,7 @@ def describe(sd: SplitData) -> str:
     if sd.truncated:
         parts.append(f"{sd.truncated} truncated")
     if sd.mixed_in:
-        parts.append(f"{sd.mixed_in} mixed in")
+        parts.append(f"{sd.mixed_in} mixed in ({'; '.join(sd.mix_reports)})")
     if sd.packing_efficiency is not None:
         parts.append(f"packed into {sd.packed_rows} rows ({100 * sd.packing_efficiency:.1f}% filled)")
     return ", ".join(parts)

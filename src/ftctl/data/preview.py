@@ -1,7 +1,7 @@
 """`ftctl data preview`: rendered examples with trained and masked tokens told apart, then stats."""
 from __future__ import annotations
 
-from .tokenize import IGNORE_INDEX
+from .tokenize import IGNORE_INDEX, n_trained
 
 OPEN, CLOSE = "⟦", "⟧"  # around trained tokens when the output is not a terminal
 
@@ -45,7 +45,7 @@ def show(cfg, console, n: int = 3, split: str = "train") -> None:
             seqs = [("chosen", ex["input_ids"], ex["labels"]),
                     ("rejected", ex["rejected_input_ids"], ex["rejected_labels"])]
         for label, ids, labels in seqs:
-            n_train = sum(1 for x in labels if x != IGNORE_INDEX)
+            n_train = n_trained(labels)
             title = f"── example {i + 1}{' ' + label if label else ''}: {len(ids)} tokens, {n_train} trained "
             console.print(title + "─" * max(0, 60 - len(title)), highlight=False, markup=False)
             parts = runs(tokenizer, ids, labels)
@@ -85,6 +85,8 @@ def show(cfg, console, n: int = 3, split: str = "train") -> None:
         row("packing efficiency", lambda s: f"{100 * s.packing_efficiency:.1f}%" if s.packing_efficiency is not None
             else "-")
     console.print(table)
+    for line in bundle.train.mix_reports:
+        console.print(line, highlight=False, markup=False)
     for s in splits:
         for bad in s.bad_examples:
             console.print(f"skipped ({s.name}): {bad}", highlight=False, markup=False)

@@ -57,7 +57,7 @@ _CHUNK = 1 << 20
 # ---------------------------------------------------------------- public API
 
 
-def read_source(spec: str, key: str = "data.path", split: str | None = None) -> Source:
+def read_source(spec: str, key: str = "data.path", split: str | None = None, subset: str | None = None) -> Source:
     """All records of ``spec`` with their locations, and the content fingerprint."""
     kind, target = _classify(spec, key)
     if kind == "builtin":
@@ -84,15 +84,16 @@ def read_source(spec: str, key: str = "data.path", split: str | None = None) -> 
         records = [_obj_record(f"{target}: row {i}", r) for i, r in enumerate(rows, 1)]
     else:  # hub
         s = split or "train"
-        ds = _load_hub(target, s, key)
-        fp = _hub_fingerprint(target, s, ds)
+        ds = _load_hub(target, s, key, subset)
+        fp = _hub_fingerprint(target, s, ds, subset)
         records = [_obj_record(f"hub:{target}[{s}]: row {i}", r) for i, r in enumerate(ds.to_list(), 1)]
     if not records:
         raise DataError(f"{key}: {target} holds no rows")
     return Source(records, fp, spec)
 
 
-def source_fingerprint(spec: str, key: str = "data.path", split: str | None = None) -> str:
+def source_fingerprint(spec: str, key: str = "data.path", split: str | None = None,
+                       subset: str | None = None) -> str:
     """The fingerprint ``read_source(spec, key, split)`` would give, without parsing any rows."""
     kind, target = _classify(spec, key)
     if kind == "builtin":
@@ -104,7 +105,7 @@ def source_fingerprint(spec: str, key: str = "data.path", split: str | None = No
         folder, split_name = _disk_split(target, key, split)
         return _disk_fingerprint(folder, split_name, key)
     s = split or "train"
-    return _hub_fingerprint(target, s, _load_hub(target, s, key))
+    return _hub_fingerprint(target, s, _load_hub(target, s, key, subset), subset)
 
 
 def read_rows(spec: str, key: str = "data.path") -> tuple[list[dict], str]:
@@ -325,7 +326,7 @@ def _parse_csv(path: Path, text: str, key: str, delimiter: str = ",") -> list[Re
                 records.append(Record(loc, None, f"expected {len(header)} fields (header: {', '.join(header)}), "
                                                  f"got {len(fields)}"))
             else:
-                records.append(Record(loc, dict(zip(header, fields)), None))
+                records.append(Record(loc, dict(zip((h.strip() for h in header), fields)), None))
     return records
 
 
@@ -389,8 +390,8 @@ def _load_disk(folder: Path, key: str):
         raise DataError(f"{key}: {folder}: cannot load save_to_disk folder ({_first_line(e)})") from None
 
 
-def _hub_fingerprint(name: str, split: str, ds) -> str:
-    return hashlib.sha256(f"hub\0{name}\0{split}\0{ds._fingerprint}".encode()).hexdigest()
+def _hub_fingerprint(name: str, split: str, ds, subset: str | None = None) -> str:
+    return hashlib.sha256(f"hub\0{name}\0{subset or ''}\0{split}\0{ds._fingerprint}".encode()).hexdigest()
 
 
 def _env_true(name: str) -> bool | None:
@@ -420,7 +421,7 @@ def _offline_as_env_says():
         dcfg.HF_HUB_OFFLINE, dcfg.HF_DATASETS_OFFLINE, hcst.HF_HUB_OFFLINE = saved
 
 
-def _load_hub(name: str, split: str, key: str):
+def _load_hub(name: str, split: str, key: str, subset: str | None = None):
     import datasets
 
     try:
@@ -429,7 +430,7 @@ def _load_hub(name: str, split: str, key: str):
         HfHubHTTPError = OSError
     try:
         with _offline_as_env_says():
-            return datasets.load_dataset(name, split=split)
+            return datasets.load_dataset(name, subset, split=split)
     except (OSError, HfHubHTTPError) as e:  # ConnectionError, DatasetNotFoundError (a FileNotFoundError), ...
         raise DataError(f"{key}: cannot load hub dataset {name!r} (offline or not found: {_first_line(e)}); "
                         f"use a local file or a save_to_disk folder") from None

@@ -129,8 +129,8 @@ def flan(row: dict, ctx: Context) -> Rendered:
     i = pick(ctx.seed, row, len(phrasings))
     source = phrasings[i]
     values = dict(ctx.get("vars", {}) or {})
-    values.update(row)
-    text = jinja.render(source, where=f"template.phrasings[{i}]", **values)
+    values.update({k: v for k, v in row.items() if v is not None})  # a null field is missing, never "None"
+    text = jinja.render(source, values, where=f"template.phrasings[{i}]")
     if text.count("|||") != 1:
         raise DataError(f"template.phrasings[{i}] must contain '|||' exactly once (prompt ||| target)")
     prompt, target = (part.strip() for part in text.split("|||"))
@@ -213,14 +213,13 @@ class ChatRenderer:
             kwargs["chat_template"] = self.source
         try:
             return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
-        except Exception as e:
-            from jinja2.exceptions import SecurityError, TemplateError
+        except Exception as e:  # whatever the template or the row did wrong is this row's problem
+            from jinja2.exceptions import SecurityError
 
             if isinstance(e, SecurityError):
                 raise DataError(f"{self.where}: refused by the template sandbox ({e})") from e
-            if isinstance(e, TemplateError):
-                raise DataError(f"{self.where}: {e}") from e
-            raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise DataError(f"{self.where} failed on this row: {type(e).__name__}: {first[:200]}") from e
 
     def segments(self, messages: list[dict], n_prompt: int = 0, tools=None) -> list[Segment]:
         """Segments of the whole conversation. Assistant turns at index >= n_prompt are targets
@@ -229,6 +228,8 @@ class ChatRenderer:
         asst = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         segs: list[Segment] = []
         done = ""
+        if asst and asst[0] == 0:
+            raise DataError("message 0 is an assistant turn; a conversation starts with a system or user message")
         for k in asst:
             before = self(messages[:k], generation_prompt=True, tools=tools)
             upto = self(messages[:k + 1], tools=tools)
@@ -304,6 +305,8 @@ def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
     if cut < 0:
         raise DataError("chosen and rejected share no prompt ending in '\\n\\nAssistant:'")
     cut += len(marker)
+    if "\n\nHuman:" in chosen[cut:] or "\n\nHuman:" in rejected[cut:]:
+        raise DataError("chosen and rejected differ before their last assistant turn")
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 

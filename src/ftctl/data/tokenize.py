@@ -24,17 +24,26 @@ def is_trained(seg: Segment, train_on: str) -> bool:
 def encode(tokenizer, rendered: Rendered, train_on: str = "completion") -> tuple[list[int], list[int]]:
     """input_ids and labels (-100 where not trained) for a rendered row.
 
-    Each segment is tokenized on its own, so the prompt's tokens are exactly those that generation is
-    conditioned on at evaluation. Plain templates get the tokenizer's special tokens (BOS) on the first
-    segment and an EOS after the answer; chat templates write their own.
+    The prompt's tokens are exactly those of the prompt tokenized alone (what generation is conditioned
+    on at evaluation). Plain templates get the tokenizer's special tokens (BOS) at the start and an EOS
+    after the answer; chat templates write their own.
     """
     ids: list[int] = []
     labels: list[int] = []
     last_trained = False
+    text = ""
     for seg in rendered.segments:
         if not seg.text:
             continue
-        toks = tokenizer(seg.text, add_special_tokens=rendered.plain and not ids)["input_ids"]
+        text += seg.text
+        # the text so far, tokenized whole: where that extends the tokens so far, the new segment's tokens
+        # are exactly what tokenizing the full text gives (SentencePiece tokenizers would add a word-start
+        # marker to a segment tokenized on its own); otherwise the segment is tokenized by itself
+        whole = tokenizer(text, add_special_tokens=rendered.plain)["input_ids"]
+        if whole[:len(ids)] == ids:
+            toks = whole[len(ids):]
+        else:
+            toks = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
         last_trained = is_trained(seg, train_on)
         ids += toks
         labels += toks if last_trained else [IGNORE_INDEX] * len(toks)

@@ -1,8 +1,11 @@
-"""`ftctl eval`: generate on a run's held-out rows with the tuned (and optionally the base) model,
-score, print a table, and write eval/<name>.json and eval/<name>.predictions.jsonl."""
+"""`ftctl eval`: generate on held-out rows with a tuned model (a run directory, or a model folder),
+optionally the base model beside it (``compare=base``) or the base model prompted with k training
+examples (``shots=k``), score, print a table, and write eval/<name>.json and
+eval/<name>.predictions.jsonl."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -17,14 +20,28 @@ from ..runs import atomic_write_json, atomic_write_text, read_manifest
 
 @dataclass
 class EvalConfig:
-    run: Optional[str] = None
+    run: Optional[str] = None  # a run directory
+    model: Optional[str] = None  # or a model folder (e.g. from ftctl merge / quantize), with recipe=/data=...
     metrics: List[str] = field(default_factory=list)
     compare: Optional[str] = None  # base: also score the base model
+    shots: int = 0  # > 0: the base model prompted with k training examples instead of the tuned model
+    shot_selection: str = "random"  # random | similar (nearest training prompts by sentence embedding)
+    split: str = "validation"  # validation | test | train
     limit: Optional[int] = None
     max_new_tokens: int = 32
     batch_size: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: List[str] = field(default_factory=list)  # cut each generation at the first of these strings
+    seed: int = 0
+    labels: List[str] = field(default_factory=list)  # accuracy / f1: the label names (default: distinct references)
     name: Optional[str] = None
-    split: str = "validation"  # validation | test | train
+    output: Optional[str] = None  # where eval/ goes for model=; default <model>/eval
+
+
+GEN_METRICS = ("exact_match", "rouge", "rougeL", "bleu", "accuracy", "f1")
 
 
 def _load_models(run: Path, manifest: dict, cfg, device):
@@ -52,7 +69,114 @@ def _load_models(run: Path, manifest: dict, cfg, device):
     return base, tuned
 
 
-def run_eval(ecfg: EvalConfig, console=None) -> dict:
+def _check(ecfg: EvalConfig) -> None:
+    from ..registry import METRICS
+
+    if not ecfg.run and not ecfg.model:
+        raise ConfigError("ftctl eval needs run=<run directory> or model=<model folder>")
+    if ecfg.run and ecfg.model:
+        raise ConfigError("ftctl eval takes run= or model=, not both")
+    names = METRICS.names() + ["perplexity"]
+    if not ecfg.metrics:
+        raise ConfigError(f"ftctl eval needs at least one metric; available: {', '.join(names)}")
+    for m in ecfg.metrics:
+        if m not in names:
+            raise ConfigError(f"eval metric {m!r} is not known; choose one of: {', '.join(names)}")
+    if ecfg.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", ecfg.name):
+        raise ConfigError(f"name={ecfg.name!r}: use letters, digits, '.', '_' and '-' only (it names files in eval/)")
+    if ecfg.compare not in (None, "base"):
+        raise ConfigError(f"compare={ecfg.compare!r} is not allowed; choose: base")
+    if ecfg.compare and not ecfg.run:
+        raise ConfigError("compare=base needs run=<run directory> (a model folder does not say what its base is)")
+    if ecfg.shots < 0 or ecfg.shots > 64:
+        raise ConfigError(f"shots={ecfg.shots} must be between 0 and 64")
+    if ecfg.shot_selection not in ("random", "similar"):
+        raise ConfigError(f"shot_selection={ecfg.shot_selection!r} is not allowed; choose: random, similar")
+    for key in ("max_new_tokens", "batch_size"):
+        if getattr(ecfg, key) <= 0:
+            raise ConfigError(f"{key}={getattr(ecfg, key)} must be > 0")
+    if ecfg.limit is not None and ecfg.limit <= 0:
+        raise ConfigError(f"limit={ecfg.limit} must be > 0")
+    if not ecfg.temperature > 0:
+        raise ConfigError(f"temperature={ecfg.temperature} must be > 0")
+    if not 0 < ecfg.top_p <= 1:
+        raise ConfigError(f"top_p={ecfg.top_p} must be in (0, 1]")
+
+
+def _config(ecfg: EvalConfig, overrides: list[str]):
+    """The training config the rows and template come from: the run's, or composed for a model folder."""
+    if ecfg.run:
+        run = Path(ecfg.run)
+        manifest = read_manifest(run)
+        if manifest is None or not (run / "config.yaml").is_file():
+            raise RunDirError(f"run={run}: not a run directory (no manifest.json/config.yaml)")
+        if manifest.get("status") != "finished":
+            raise RunDirError(f"run={run}: the run is {manifest.get('status')}, not finished")
+        cfg = OmegaConf.load(run / "config.yaml")
+        for o in overrides:  # e.g. data.path=other.jsonl, to score the run on another file
+            if "=" not in o or o.split("=", 1)[0].split(".")[0] not in ("data", "template"):
+                raise ConfigError(f"{o}: with run=, only data.* and template.* keys can be changed")
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        return cfg, manifest, run
+    from ..config import compose
+
+    folder = Path(ecfg.model).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model={folder}: not a model folder (no config.json)")
+    cfg, _ = compose("train", list(overrides) + [f"model.path={folder.resolve()}", "quant=none"])
+    return cfg, {"model_path": str(folder.resolve())}, None
+
+
+def _shots(ecfg, train, prompts: list[str], console) -> list[str]:
+    """Each prompt with k training examples (prompt + answer) in front of it."""
+    import random
+
+    pool = list(zip(train.prompts, train.references))
+    if len(pool) < ecfg.shots:
+        raise ConfigError(f"shots={ecfg.shots}: the training split has only {len(pool)} rows")
+    if ecfg.shot_selection == "random":
+        rng = random.Random(ecfg.seed)
+        picks = [rng.sample(range(len(pool)), ecfg.shots) for _ in prompts]
+    else:
+        from .embed import nearest
+
+        with console.status(f"embedding {len(pool)} training prompts to pick similar examples"):
+            picks = nearest([p for p, _ in pool], prompts, ecfg.shots)
+    out = []
+    for p, pick in zip(prompts, picks):
+        # the most similar example goes last, nearest the question
+        shots = "".join(f"{pool[i][0]}{pool[i][1]}\n\n" for i in reversed(pick))
+        out.append(shots + p)
+    return out
+
+
+def perplexity(model, examples: list[dict], pad_id: int, batch_size: int) -> tuple[float, list[float]]:
+    """exp(mean negative log-likelihood) of the trained tokens (the completions), over the split and per row."""
+    import torch
+
+    from ..data.tokenize import collate
+
+    device = next(model.parameters()).device
+    model.eval()
+    total, count, rows = 0.0, 0, []
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
+                                                    reduction="none")
+            mask = labels != -100
+            for row_nll, row_mask in zip(nll, mask):
+                n = int(row_mask.sum())
+                s = float(row_nll[row_mask].sum())
+                rows.append(math.exp(s / max(n, 1)))
+                total, count = total + s, count + n
+    return math.exp(total / max(count, 1)), rows
+
+
+def run_eval(ecfg: EvalConfig, overrides: list[str] | None = None, console=None) -> dict:
     import torch
     from rich.console import Console
     from rich.table import Table
@@ -63,74 +187,100 @@ def run_eval(ecfg: EvalConfig, console=None) -> dict:
     from .generate import generate
 
     console = console or Console()
-    if not ecfg.run:
-        raise ConfigError("ftctl eval needs run=<run directory>")
-    if not ecfg.metrics:
-        raise ConfigError(f"ftctl eval needs at least one metric; available: {', '.join(METRICS.names())}")
-    fns = {m: METRICS.get(m) for m in ecfg.metrics}
-    if ecfg.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", ecfg.name):
-        raise ConfigError(f"name={ecfg.name!r}: use letters, digits, '.', '_' and '-' only (it names files in eval/)")
-    run = Path(ecfg.run)
-    manifest = read_manifest(run)
-    if manifest is None or not (run / "config.yaml").is_file():
-        raise RunDirError(f"run={run}: not a run directory (no manifest.json/config.yaml)")
-    if manifest.get("status") != "finished":
-        raise RunDirError(f"run={run}: the run is {manifest.get('status')}, not finished")
-    cfg = OmegaConf.load(run / "config.yaml")
-    tokenizer = models.load_tokenizer(Path(manifest["model_path"]))
-    split = pipeline.build(cfg, tokenizer).split(ecfg.split)
-    prompts, refs = split.prompts, split.references
-    if ecfg.limit:
-        prompts, refs = prompts[:ecfg.limit], refs[:ecfg.limit]
-    if not prompts:
-        raise ConfigError(f"run={run}: the run has no {ecfg.split} rows to evaluate"
-                          + (" (data.val_fraction=0)" if ecfg.split == "validation" else
-                             " (set data.test_fraction or data.test_path when training)" if ecfg.split == "test" else ""))
-    rows = prompts
+    _check(ecfg)
+    cfg, manifest, run = _config(ecfg, list(overrides or []))
+    model_path = Path(manifest["model_path"])
+    tokenizer = models.load_tokenizer(model_path)
+    bundle = pipeline.build(cfg, tokenizer)
+    split = bundle.split(ecfg.split)
+    n = min(len(split.prompts), ecfg.limit or len(split.prompts))
+    if n == 0:
+        why = (f"{split.rows} rows in the split, {split.skipped_bad} bad, {split.dropped_too_long} too long"
+               if split.rows else "data.test_fraction / data.test_path unset" if ecfg.split == "test"
+               else "data.val_fraction=0 and no data.val_path" if ecfg.split == "validation" else "empty")
+        raise ConfigError(f"no {ecfg.split} rows to evaluate ({why})")
+    prompts = split.prompts[:n]
+    refs = [r if len(r) > 1 else r[0] for r in split.all_references[:n]] if split.all_references else split.references[:n]
+    examples = split.examples[:n]
+    tpl = cfg.template
+    chat_prompts = tpl.name == "chat" or (tpl.name == "preference" and tpl.get("style") == "chat")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base_loader, tuned_loader = _load_models(run, manifest, cfg, device)
-    which = [("tuned", tuned_loader)] + ([("base", base_loader)] if ecfg.compare == "base" else [])
-    if ecfg.compare not in (None, "base"):
-        raise ConfigError(f"compare={ecfg.compare!r} is not allowed; choose: base")
 
-    results, preds_by = {}, {}
-    for label, loader in which:
+    if run is not None:
+        base_loader, tuned_loader = _load_models(run, manifest, cfg, device)
+    else:
+        def tuned_loader():
+            return models.load_model(model_path, cfg.model, cfg.quant, device)
+        base_loader = None
+    which = []
+    if ecfg.shots:
+        if not bundle.train.prompts:
+            raise ConfigError(f"shots={ecfg.shots}: no training rows to take examples from")
+        which.append((f"base {ecfg.shots}-shot", base_loader or tuned_loader,
+                      _shots(ecfg, bundle.train, prompts, console)))
+    else:
+        which.append(("tuned" if run is not None else "model", tuned_loader, prompts))
+    if ecfg.compare == "base":
+        which.append(("base", base_loader, prompts))
+
+    gen_metrics = [m for m in ecfg.metrics if m != "perplexity"]
+    results, per_row, preds_by = {}, {}, {}
+    for label, loader, these_prompts in which:
         t0 = time.time()
         model = loader()
-        with console.status(f"generating {len(prompts)} answers with the {label} model"):
-            preds = generate(model, tokenizer, prompts, max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size)
+        scores: dict[str, tuple[float, list[float]]] = {}
+        if gen_metrics:
+            with console.status(f"generating {n} answers with the {label} model") as status:
+                preds = generate(model, tokenizer, these_prompts, max_new_tokens=ecfg.max_new_tokens,
+                                 batch_size=ecfg.batch_size, do_sample=ecfg.do_sample, temperature=ecfg.temperature,
+                                 top_p=ecfg.top_p, top_k=ecfg.top_k, stop=list(ecfg.stop), seed=ecfg.seed,
+                                 add_special_tokens=not chat_prompts,
+                                 progress=lambda k, s=status, lab=label: s.update(
+                                     f"generating with the {lab} model: {k}/{n}"))
+            preds_by[label] = preds
+            for m in gen_metrics:
+                scores.update(METRICS.get(m)(preds, refs, labels=list(ecfg.labels) or None))
+        if "perplexity" in ecfg.metrics:
+            with console.status(f"perplexity of the {label} model on {n} rows"):
+                scores["perplexity"] = perplexity(model, examples, tokenizer.pad_token_id, ecfg.batch_size)
         del model
-        scores = {m: fn(preds, refs) for m, fn in fns.items()}
-        results[label] = {m: round(s[0], 4) for m, s in scores.items()}
+        results[label] = {k: round(v[0], 4) for k, v in scores.items()}
         results[label]["seconds"] = round(time.time() - t0, 1)
-        preds_by[label] = (preds, {m: s[1] for m, s in scores.items()})
+        per_row[label] = {k: v[1] for k, v in scores.items()}
 
-    table = Table(title=f"{run} — {len(rows)} {ecfg.split} rows")
+    labels = [w[0] for w in which]
+    table = Table(title=f"{run or model_path} — {n} {ecfg.split} rows")
     table.add_column("metric")
-    for label, _ in which:
+    for label in labels:
         table.add_column(label, justify="right")
-    if "base" in results:
-        table.add_column("Δ tuned − base", justify="right")
-    for m in ecfg.metrics:
-        cells = [f"{results[label][m]:.2f}" for label, _ in which]
-        if "base" in results:
-            cells.append(f"{results['tuned'][m] - results['base'][m]:+.2f}")
-        table.add_row(m, *cells)
+    if len(labels) == 2:
+        table.add_column(f"Δ {labels[0]} − {labels[1]}", justify="right")
+    for k in [k for k in results[labels[0]] if k != "seconds"]:
+        cells = [f"{results[label][k]:.2f}" for label in labels]
+        if len(labels) == 2:
+            cells.append(f"{results[labels[0]][k] - results[labels[1]][k]:+.2f}")
+        table.add_row(k, *cells)
     console.print(table)
 
-    name = ecfg.name or "_".join(ecfg.metrics)
-    (run / "eval").mkdir(exist_ok=True)
-    report = {"run": str(run), "rows": len(rows), "metrics": ecfg.metrics, "results": results,
-              "settings": {"max_new_tokens": ecfg.max_new_tokens, "batch_size": ecfg.batch_size,
-                           "limit": ecfg.limit, "split": ecfg.split, "compare": ecfg.compare, "decoding": "greedy"}}
+    name = ecfg.name or "_".join(ecfg.metrics) + (f"_{ecfg.shots}shot" if ecfg.shots else "")
+    where = (run / "eval") if run is not None else Path(ecfg.output or model_path / "eval")
+    where.mkdir(parents=True, exist_ok=True)
+    settings = {k: getattr(ecfg, k) for k in ("split", "limit", "max_new_tokens", "batch_size", "do_sample",
+                                                "temperature", "top_p", "top_k", "stop", "seed", "compare",
+                                                "shots", "shot_selection", "labels")}
+    settings["decoding"] = "sampling" if ecfg.do_sample else "greedy"
+    report = {"run": str(run) if run is not None else None, "model": str(model_path), "rows": n,
+              "metrics": ecfg.metrics, "results": results, "settings": settings,
+              "data": {"path": cfg.data.path, "template": cfg.template.name}}
     lines = []
-    for i, (p, r) in enumerate(zip(prompts, refs)):
-        row = {"prompt": p, "reference": r}
-        for label in results:
-            preds, per_row = preds_by[label]
-            row[f"prediction_{label}"] = preds[i]
-            row[f"scores_{label}"] = {m: per_row[m][i] for m in ecfg.metrics}
-        lines.append(json.dumps(row))
-    atomic_write_text(run / "eval" / f"{name}.predictions.jsonl", "\n".join(lines) + "\n")
-    atomic_write_json(run / "eval" / f"{name}.json", report)
+    for i in range(n):
+        row = {"prompt": prompts[i], "reference": refs[i]}
+        for label in labels:
+            if label in preds_by:
+                row[f"prediction_{label}"] = preds_by[label][i]
+            row[f"scores_{label}"] = {k: v[i] for k, v in per_row[label].items()}
+        lines.append(json.dumps(row, ensure_ascii=False))
+    atomic_write_text(where / f"{name}.predictions.jsonl", "\n".join(lines) + "\n")
+    atomic_write_json(where / f"{name}.json", report)
+    console.print(f"wrote {where / (name + '.json')} and {name}.predictions.jsonl", highlight=False)
     return report

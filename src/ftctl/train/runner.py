@@ -89,6 +89,7 @@ def _setup_logging(out: Path, debug: bool) -> logging.Handler:
     handler = logging.FileHandler(out / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
+    log.propagate = False  # the run's log goes to train.log, not through handlers a library installed on the root
     log.setLevel(logging.DEBUG if debug else logging.INFO)
     return handler
 
@@ -133,6 +134,23 @@ def _save_final(model, tokenizer, out: Path, is_adapter: bool) -> Path:
         shutil.rmtree(final)
     os.rename(tmp, final)
     return final
+
+
+def _after_train_eval(cfg, out: Path, manifest: dict, console) -> None:
+    """eval.after_train: score the finished run; a failure here is reported, the trained run stays valid."""
+    from ..errors import FtctlError
+    from ..evaluate.run import EvalConfig, run_eval
+
+    e = cfg.eval
+    try:
+        report = run_eval(EvalConfig(run=str(out), metrics=list(e.after_train), split=e.split, limit=e.limit,
+                                     max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, name="after_train"),
+                          console=console)
+        manifest["eval"] = report["results"].get("tuned")
+    except FtctlError as err:
+        console.print(f"[yellow]eval.after_train failed:[/] {err}", highlight=False)
+        manifest["eval_error"] = str(err)
+    atomic_write_json(out / "manifest.json", manifest)
 
 
 def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> Path:
@@ -328,6 +346,8 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     atomic_write_json(out / "manifest.json", manifest)
     metrics.close()
     console.print(f"[green]done[/] in {time.time() - t_start:.0f}s: {final}", highlight=False)
+    if cfg.eval.after_train:
+        _after_train_eval(cfg, out, manifest, console)
     log.info("finished: %s", final)
     log.removeHandler(handler)
     handler.close()

@@ -1,0 +1,172 @@
+"""`ftctl chat` (talk to a tuned model in the terminal, streaming) and `ftctl generate` (one prompt, or
+a file of prompts). A prompt is wrapped the way the run was trained: the chat template for chat runs,
+the Alpaca prompt for Alpaca runs, as is otherwise (``raw=true`` always sends it as is)."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .errors import ConfigError, RunDirError
+from .runs import read_manifest
+
+
+@dataclass
+class GenerateConfig:
+    run: Optional[str] = None
+    model: Optional[str] = None  # a model folder instead of a run
+    prompt: Optional[str] = None
+    prompts: Optional[str] = None  # a file: one prompt per line (.txt) or {"prompt": ...} per line (.jsonl)
+    output: Optional[str] = None  # generate: write {"prompt", "output"} lines here (default: print)
+    system: Optional[str] = None
+    raw: bool = False
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+    batch_size: int = 8
+
+
+def _load(gcfg: GenerateConfig):
+    """(model, tokenizer, template name) for a run directory or a model folder."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from . import models
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if bool(gcfg.run) == bool(gcfg.model):
+        raise ConfigError("give run=<run directory> or model=<model folder>")
+    if gcfg.model:
+        folder = Path(gcfg.model).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"model={folder}: not a model folder (no config.json)")
+        cfg = OmegaConf.create({"model": {"dtype": "auto", "trust_remote_code": False},
+                                "quant": {"method": "none", "compute_dtype": "auto", "double_quant": True}})
+        tok = models.load_tokenizer(folder)
+        return models.load_model(folder, cfg.model, cfg.quant, device), tok, "chat" if tok.chat_template else "raw"
+    from .evaluate.run import _load_models
+
+    run = Path(gcfg.run)
+    manifest = read_manifest(run)
+    if manifest is None or not (run / "config.yaml").is_file():
+        raise RunDirError(f"run={run}: not a run directory (no manifest.json/config.yaml)")
+    if manifest.get("status") != "finished":
+        raise RunDirError(f"run={run}: the run is {manifest.get('status')}, not finished")
+    cfg = OmegaConf.load(run / "config.yaml")
+    tok = models.load_tokenizer(Path(manifest["model_path"]))
+    _, tuned = _load_models(run, manifest, cfg, device)
+    return tuned(), tok, cfg.template.name
+
+
+def wrap(prompt: str, template: str, tokenizer, system: str | None = None, history: list | None = None) -> str:
+    """The text generation is conditioned on, as the run was trained."""
+    from .data.templates import alpaca
+
+    if template in ("chat", "preference") and tokenizer.chat_template:
+        messages = ([{"role": "system", "content": system}] if system else []) + list(history or []) + [
+            {"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if template == "alpaca":
+        return alpaca({"instruction": prompt, "output": "-"}).prompt
+    if template == "flan":
+        return prompt.rstrip() + "\n"
+    return prompt
+
+
+def _prompts(gcfg: GenerateConfig) -> list[str]:
+    if bool(gcfg.prompt) == bool(gcfg.prompts):
+        raise ConfigError("generate needs prompt=\"...\" or prompts=<file>")
+    if gcfg.prompt:
+        return [gcfg.prompt]
+    f = Path(gcfg.prompts).expanduser()
+    if not f.is_file():
+        raise ConfigError(f"prompts={f}: no such file")
+    out = []
+    for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if f.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{f}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ConfigError(f"{f}:{n}: each line needs a string field 'prompt'")
+            out.append(row["prompt"])
+        else:
+            out.append(line)
+    if not out:
+        raise ConfigError(f"prompts={f}: no prompts in the file")
+    return out
+
+
+def generate_cmd(gcfg: GenerateConfig, console) -> list[str]:
+    from .evaluate.generate import generate
+    from .runs import atomic_write_text
+
+    prompts = _prompts(gcfg)
+    model, tok, template = _load(gcfg)
+    texts = [p if gcfg.raw else wrap(p, template, tok, gcfg.system) for p in prompts]
+    outs = generate(model, tok, texts, max_new_tokens=gcfg.max_new_tokens, batch_size=gcfg.batch_size,
+                    do_sample=gcfg.do_sample, temperature=gcfg.temperature, top_p=gcfg.top_p, seed=gcfg.seed,
+                    add_special_tokens=gcfg.raw or template not in ("chat", "preference"))
+    if gcfg.output:
+        atomic_write_text(Path(gcfg.output), "".join(json.dumps({"prompt": p, "output": o}, ensure_ascii=False) + "\n"
+                                                     for p, o in zip(prompts, outs)))
+        console.print(f"wrote {len(outs)} generations to {gcfg.output}", highlight=False)
+    else:
+        for o in outs:
+            print(o.strip(), flush=True)
+    return outs
+
+
+def chat_cmd(gcfg: GenerateConfig, console) -> None:
+    """Read a user turn per line (a terminal prompt, or lines piped in), stream each answer."""
+    import threading
+
+    import torch
+    from transformers import TextIteratorStreamer
+
+    model, tok, template = _load(gcfg)
+    model.eval()
+    device = next(model.parameters()).device
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        console.print("[dim]chatting with the tuned model; an empty line or /exit ends, /reset forgets[/]")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit") or (interactive and not line.strip()):
+            break
+        if line.strip() == "/reset":
+            history = []
+            continue
+        if not line.strip():
+            continue
+        text = wrap(line, template, tok, gcfg.system, history)
+        enc = tok(text, return_tensors="pt", add_special_tokens=template not in ("chat", "preference")).to(device)
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(**enc, max_new_tokens=gcfg.max_new_tokens, streamer=streamer, do_sample=gcfg.do_sample,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        if gcfg.do_sample:
+            kwargs.update(temperature=gcfg.temperature, top_p=gcfg.top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        torch.manual_seed(gcfg.seed)
+        worker = threading.Thread(target=lambda: model.generate(**kwargs), daemon=True)
+        worker.start()
+        answer = []
+        print("model> " if interactive else "", end="", flush=True)
+        for piece in streamer:
+            answer.append(piece)
+            print(piece, end="", flush=True)
+        worker.join()
+        print(flush=True)
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": "".join(answer).strip()}]

@@ -1,0 +1,309 @@
+"""`ftctl quantize`: write a smaller copy of a model folder and report what it cost.
+
+Methods: ``nf4`` and ``int8`` (bitsandbytes; the folder reloads with ``from_pretrained``),
+``int8_weight_only`` and ``int4_weight_only`` (torchao), and ``bitdelta`` (Liu et al., 2024: keep the
+base model; store the fine-tune's difference of every linear layer in the transformer blocks as one
+sign bit per weight and one scale per matrix, the scale initialised as the mean absolute difference
+and optionally refined by distillation on a few calibration batches). The report: size on disk
+before and after, the compression factor, and perplexity on held-out rows before and after.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .errors import ConfigError, FtctlError, RunDirError
+from .registry import Registry
+from .runs import atomic_write_json
+
+QUANTIZERS = Registry("quantize method", "ftctl.quantize")
+BITDELTA_FILE = "bitdelta.json"
+
+
+@dataclass
+class QuantizeConfig:
+    model: Optional[str] = None  # the model folder to quantize (e.g. <run>/merged, or <run>/model)
+    method: Optional[str] = None
+    output: Optional[str] = None  # default: <model>-<method>
+    base: Optional[str] = None  # bitdelta: the base model the fine-tune started from
+    group_size: int = 64  # int4_weight_only: weights per scale
+    calibration_steps: int = 0  # bitdelta: steps of scale distillation on training rows (0: mean |delta| only)
+    calibration_lr: float = 1e-4
+    eval_rows: int = 64  # held-out rows for the perplexity before and after
+    overwrite: bool = False
+
+
+def weight_bytes(folder: Path) -> int:
+    """Bytes of a model folder's weight files (the tokenizer and configs are not counted)."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin"))
+
+
+# ----------------------------------------------------------------------------- methods
+def _bnb(kind: str):
+    def run(src: Path, dst: Path, qcfg, console):
+        import torch
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        qc = (BitsAndBytesConfig(load_in_8bit=True) if kind == "int8" else
+              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(src, quantization_config=qc, device_map={"": device},
+                                                     use_safetensors=True)
+        model.save_pretrained(dst, safe_serialization=True)
+    return run
+
+
+QUANTIZERS.register("nf4")(_bnb("nf4"))
+QUANTIZERS.register("int8")(_bnb("int8"))
+
+
+def _torchao(kind: str):
+    def run(src: Path, dst: Path, qcfg, console):
+        import torch
+        from transformers import AutoModelForCausalLM, TorchAoConfig
+
+        try:
+            from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+        except ImportError as e:
+            raise ConfigError(f"method={kind} needs torchao: pip install torchao ({e})") from None
+        conf = Int8WeightOnlyConfig() if kind == "int8" else Int4WeightOnlyConfig(group_size=qcfg.group_size)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if kind == "int4" else None
+        try:  # a probe on one small layer: a missing kernel is reported before the model loads
+            from torchao.quantization import quantize_
+
+            quantize_(torch.nn.Sequential(torch.nn.Linear(256, 256, dtype=dtype or torch.float32, device=device)), conf)
+            model = None
+        except (ImportError, NotImplementedError, AssertionError, RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise FtctlError(f"method={kind}_weight_only: torchao cannot quantize on {device} here ({first}); "
+                             "int4 weight-only kernels need a CUDA GPU: use int8_weight_only or nf4 on a CPU") from None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src, quantization_config=TorchAoConfig(conf),
+                                                         device_map={"": device}, use_safetensors=True,
+                                                         **({"dtype": dtype} if dtype else {}))
+        except (ImportError, NotImplementedError, AssertionError, RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise FtctlError(f"method={kind}_weight_only: torchao cannot quantize on {device} here ({first}); "
+                             "int4 weight-only kernels need a CUDA GPU: use int8_weight_only or nf4 on a CPU") from None
+        model.save_pretrained(dst, safe_serialization=True)
+    return run
+
+
+QUANTIZERS.register("int8_weight_only")(_torchao("int8"))
+QUANTIZERS.register("int4_weight_only")(_torchao("int4"))
+
+
+# ----------------------------------------------------------------------------- bitdelta
+def _delta_linears(model) -> list[str]:
+    """The linear layers BitDelta compresses: every nn.Linear inside the decoder blocks (not the
+    embeddings or the output head)."""
+    import torch
+
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    if layers is None:
+        raise ConfigError("method=bitdelta supports decoder models with model.layers (Llama, Mistral, Qwen, ...)")
+    prefix = "model.layers."
+    return [f"{prefix}{name}" for name, m in layers.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+@QUANTIZERS.register("bitdelta")
+def bitdelta(src: Path, dst: Path, qcfg, console, calibration=None):
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    if not qcfg.base:
+        raise ConfigError("method=bitdelta needs base=<the base model folder the fine-tune started from>")
+    base_path = Path(qcfg.base).expanduser().resolve()
+    if not (base_path / "config.json").is_file():
+        raise ConfigError(f"base={base_path}: not a model folder (no config.json)")
+    ft = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, use_safetensors=True)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=True)
+    fsd, bsd = ft.state_dict(), base.state_dict()
+    if fsd.keys() != bsd.keys() or any(fsd[k].shape != bsd[k].shape for k in fsd):
+        raise ConfigError(f"base={base_path} does not have the fine-tuned model's parameter names and shapes")
+    linears = _delta_linears(ft)
+    signs, scales = {}, {}
+    for name in linears:
+        delta = fsd[f"{name}.weight"] - bsd[f"{name}.weight"]
+        signs[name] = delta >= 0
+        scales[name] = delta.abs().mean()
+    if qcfg.calibration_steps > 0 and calibration:
+        scales = _distil_scales(ft, base, signs, scales, calibration, qcfg, console)
+    tensors, full = {}, []
+    for name in linears:
+        bits = np.packbits(signs[name].flatten().numpy())
+        tensors[f"{name}.sign"] = torch.from_numpy(bits)
+        tensors[f"{name}.scale"] = scales[name].reshape(1).float()
+    covered = {f"{n}.weight" for n in linears}
+    for k, v in fsd.items():  # anything else the fine-tune changed (biases, norms, embeddings) is kept whole
+        if k not in covered and not torch.equal(v, bsd[k]):
+            tensors[f"{k}.full"] = v.contiguous()
+            full.append(k)
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst / "bitdelta.safetensors"))
+    ft.config.save_pretrained(dst)
+    shapes = {n: list(fsd[f"{n}.weight"].shape) for n in linears}
+    atomic_write_json(dst / BITDELTA_FILE, {"format": "ftctl-bitdelta-1", "base": str(base_path), "linears": shapes,
+                                            "full": full, "calibration_steps": qcfg.calibration_steps})
+
+
+def _distil_scales(ft, base, signs, scales, batches, qcfg, console):
+    """Refine the per-matrix scales so the compressed model's logits match the fine-tune's (BitDelta's
+    scale distillation): only the scales train; the signs and the base stay fixed."""
+    import torch
+    from torch.func import functional_call
+
+    params = {n: torch.nn.Parameter(s.clone()) for n, s in scales.items()}
+    opt = torch.optim.AdamW(params.values(), lr=qcfg.calibration_lr, weight_decay=0.0)
+    bsd = {k: v.detach() for k, v in base.state_dict().items()}
+    ft.eval()
+    base.eval()
+    with console.status("distilling BitDelta scales") as status:
+        for step in range(qcfg.calibration_steps):
+            batch = batches[step % len(batches)]
+            with torch.no_grad():
+                target = ft(**batch).logits
+            weights = {}  # only the compressed linears; every other parameter is the base module's own
+            for n, s in params.items():
+                weights[f"{n}.weight"] = bsd[f"{n}.weight"] + s * (signs[n].float() * 2 - 1)
+            logits = functional_call(base, weights, args=(), kwargs=batch).logits
+            mask = batch["attention_mask"].unsqueeze(-1).bool()
+            loss = ((logits - target) ** 2).masked_select(mask).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            status.update(f"distilling BitDelta scales: step {step + 1}/{qcfg.calibration_steps}, logit MSE {float(loss):.4g}")
+    return {n: p.detach() for n, p in params.items()}
+
+
+def load_bitdelta(folder: Path, dtype=None):
+    """Rebuild a model from a BitDelta folder: the base plus scale x sign per linear layer."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    meta = json.loads((folder / BITDELTA_FILE).read_text())
+    base_path = Path(meta["base"])
+    if not (base_path / "config.json").is_file():
+        raise RunDirError(f"{folder}: its base model {base_path} is gone (BitDelta stores only the difference)")
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype or torch.float32, use_safetensors=True)
+    tensors = load_file(str(folder / "bitdelta.safetensors"))
+    sd = model.state_dict()
+    with torch.no_grad():
+        for name, shape in meta["linears"].items():
+            n = math.prod(shape)
+            bits = np.unpackbits(tensors[f"{name}.sign"].numpy())[:n]
+            sign = torch.from_numpy(bits.astype(np.float32) * 2 - 1).reshape(shape)
+            w = sd[f"{name}.weight"]
+            w.add_((tensors[f"{name}.scale"].float() * sign).to(w.dtype))
+        for k in meta["full"]:
+            sd[k].copy_(tensors[f"{k}.full"])
+    return model
+
+
+# ----------------------------------------------------------------------------- command
+def _load_any(folder: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if (folder / BITDELTA_FILE).is_file():
+        return load_bitdelta(folder)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = json.loads((folder / "config.json").read_text())
+    if "quantization_config" in cfg:
+        return AutoModelForCausalLM.from_pretrained(folder, device_map={"": device}, use_safetensors=True)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).to(device)
+
+
+def quantize(qcfg: QuantizeConfig, overrides: list[str], console) -> Path:
+    from rich.table import Table
+
+    from . import models
+    from .config import compose
+    from .data import pipeline
+    from .data.tokenize import collate
+    from .evaluate.generate import generate
+    from .evaluate.run import perplexity
+
+    if not qcfg.model:
+        raise ConfigError("ftctl quantize needs model=<model folder> (e.g. a run's merged/ folder from ftctl merge)")
+    if not qcfg.method:
+        raise ConfigError(f"ftctl quantize needs method=; choose one of: {', '.join(QUANTIZERS.names())}")
+    fn = QUANTIZERS.get(qcfg.method)
+    src = Path(qcfg.model).expanduser().resolve()
+    if not (src / "config.json").is_file():
+        raise ConfigError(f"model={src}: not a model folder (no config.json)")
+    if qcfg.method == "bitdelta" and not qcfg.base:
+        raise ConfigError("method=bitdelta needs base=<the base model folder the fine-tune started from>")
+    if qcfg.eval_rows <= 0 or qcfg.group_size <= 0 or qcfg.calibration_steps < 0:
+        raise ConfigError("eval_rows and group_size must be > 0, calibration_steps >= 0")
+    out = Path(qcfg.output).expanduser() if qcfg.output else src.with_name(f"{src.name}-{qcfg.method}")
+    if out.exists() and any(out.iterdir()) and not qcfg.overwrite:
+        raise RunDirError(f"output={out} already exists; choose another output= or pass overwrite=true")
+
+    # held-out rows for the quality check: the config's data (a recipe=/data= override picks it)
+    cfg, _ = compose("train", list(overrides) + [f"model.path={src}", "quant=none"])
+    tokenizer = models.load_tokenizer(src)
+    bundle = pipeline.build(cfg, tokenizer)
+    held = (bundle.validation.examples or bundle.train.examples)[:qcfg.eval_rows]
+    prompt = (bundle.validation.prompts or bundle.train.prompts)[:1]
+    t0 = time.time()
+    with console.status(f"perplexity of {src.name} on {len(held)} held-out rows"):
+        ppl_before = perplexity(_load_any(src), held, tokenizer.pad_token_id, 8)[0]
+    calibration = None
+    if qcfg.method == "bitdelta" and qcfg.calibration_steps:
+        train = bundle.train.unpacked if bundle.train.unpacked is not None else bundle.train.examples
+        calibration = [{k: v for k, v in collate(train[i:i + 4], tokenizer.pad_token_id).items() if k != "labels"}
+                       for i in range(0, min(len(train), 4 * 8), 4)]
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with console.status(f"quantizing with {qcfg.method}"):
+            if qcfg.method == "bitdelta":
+                fn(src, tmp, qcfg, console, calibration=calibration)
+            else:
+                fn(src, tmp, qcfg, console)
+            tokenizer.save_pretrained(tmp)
+        with console.status("reloading the quantized model"):
+            model = _load_any(tmp)
+            ppl_after = perplexity(model, held, tokenizer.pad_token_id, 8)[0]
+            sample = generate(model, tokenizer, prompt, max_new_tokens=24)[0] if prompt else ""
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    before, after = weight_bytes(src), weight_bytes(tmp)
+    report = {"model": str(src), "method": qcfg.method, "output": str(out), "bytes_before": before,
+              "bytes_after": after, "compression": round(before / max(after, 1), 2),
+              "perplexity_before": round(ppl_before, 4), "perplexity_after": round(ppl_after, 4),
+              "eval_rows": len(held), "data": cfg.data.path, "seconds": round(time.time() - t0, 1),
+              "sample_prompt": prompt[0] if prompt else "", "sample_output": sample}
+    if qcfg.method == "bitdelta":
+        report["base"] = str(Path(qcfg.base).resolve())
+        report["calibration_steps"] = qcfg.calibration_steps
+    atomic_write_json(tmp / "ftctl-quantize.json", report)
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+
+    table = Table(title=f"{src.name} → {out.name} ({qcfg.method})")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row("weights on disk", f"{before / 2**20:,.1f} MiB", f"{after / 2**20:,.1f} MiB")
+    table.add_row("compression", "", f"{before / max(after, 1):.2f}×")
+    table.add_row(f"perplexity ({len(held)} held-out rows)", f"{ppl_before:.3f}", f"{ppl_after:.3f}")
+    console.print(table)
+    console.print(f"sample: {sample[:200]!r}", highlight=False, markup=False)
+    console.print(f"[green]wrote[/] {out}", highlight=False)
+    return out
