@@ -1,4 +1,5 @@
 """ftctl merge, quantize, generate and chat on tiny_llama runs (real models, files and processes)."""
+import io
 import json
 
 import pytest
@@ -32,31 +33,47 @@ def _adapter_logits(run, ids):
     return _logits(PeftModel.from_pretrained(base, run / "adapter").eval(), ids)
 
 
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory, lora_run):
+    out = tmp_path_factory.mktemp("merged") / "merged"
+    r = run_cli("merge", f"run={lora_run}", f"output={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "max |logit difference| merged vs base + adapter" in r.stdout
+    return out
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(file=io.StringIO())
+
+
 @pytest.mark.parametrize("method, extra", [("lora", []), ("dora", []), ("qlora", ["quant=nf4"])])
-def test_merge_matches_the_adapter_and_reloads_with_plain_transformers(tmp_path, lora_run, method, extra):
+def test_merge_matches_the_adapter_and_reloads_with_plain_transformers(tmp_path, lora_run, merged, method, extra):
     from transformers import AutoModelForCausalLM
 
-    run = lora_run
+    from ftctl.errors import RunDirError
+    from ftctl.merge import MergeConfig, merge
+
+    run, out = lora_run, merged
     if method != "lora":
         cfg, choices = compose(*TINY, "peft.dropout=0", f"peft.method={'dora' if method == 'dora' else 'lora'}",
                                *extra, f"output_dir={tmp_path / 'run'}")
         run = train(cfg, choices)
-    out = tmp_path / f"merged-{method}"
-    r = run_cli("merge", f"run={run}", f"output={out}")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "max |logit difference| merged vs base + adapter" in r.stdout
+        out = merge(MergeConfig(run=str(run), output=str(tmp_path / f"merged-{method}")), _console())
     report = json.loads((out / "ftctl-merge.json").read_text())
     assert report["max_logit_diff"] <= 1e-3 and report["quantized_training_base"] == (method == "qlora")
-    merged = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no peft, no ftctl
+    assert report["peft_type"] == "LORA"
+    merged_model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no peft, no ftctl
     ids = torch.tensor([[1, 200, 300, 400, 500, 600]])
-    assert float((_logits(merged, ids) - _adapter_logits(run, ids)).abs().max()) < 1e-3
+    assert float((_logits(merged_model, ids) - _adapter_logits(run, ids)).abs().max()) < 1e-3
     # the adapter changed the model: the merged logits are not the base's
     man = json.loads((run / "manifest.json").read_text())
     base = AutoModelForCausalLM.from_pretrained(man["model_path"], dtype=torch.float32)
-    assert float((_logits(merged, ids) - _logits(base, ids)).abs().max()) > 1e-2
+    assert float((_logits(merged_model, ids) - _logits(base, ids)).abs().max()) > 1e-2
     # a second merge into the same folder is refused unless overwrite=true
-    r = run_cli("merge", f"run={run}", f"output={out}")
-    assert r.returncode == 2 and "already exists" in r.stderr
+    with pytest.raises(RunDirError, match="already exists"):
+        merge(MergeConfig(run=str(run), output=str(out)), _console())
 
 
 def test_merge_refuses_prompt_tuning_and_full_runs(tmp_path, lora_run):
@@ -81,22 +98,18 @@ def test_merge_refuses_prompt_tuning_and_full_runs(tmp_path, lora_run):
     assert r.returncode == 2 and "is a full fine-tune" in r.stderr
 
 
-@pytest.fixture(scope="module")
-def merged(tmp_path_factory, lora_run):
-    out = tmp_path_factory.mktemp("merged") / "merged"
-    r = run_cli("merge", f"run={lora_run}", f"output={out}")
-    assert r.returncode == 0, r.stderr[-2000:]
-    return out
-
-
 @pytest.mark.parametrize("method", ["nf4", "int8", "int8_weight_only"])
 def test_quantize_writes_a_folder_that_reloads_and_generates(tmp_path, merged, method):
     from transformers import AutoModelForCausalLM
 
+    from ftctl.quantize import QuantizeConfig, quantize
+
     out = tmp_path / method
-    r = run_cli("quantize", f"model={merged}", f"method={method}", f"output={out}", "data.limit=40", "eval_rows=4")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "weights on disk" in r.stdout and "perplexity" in r.stdout
+    console = _console()
+    quantize(QuantizeConfig(model=str(merged), method=method, output=str(out), eval_rows=4), ["data.limit=40"],
+             console)
+    text = console.file.getvalue()
+    assert "weights on disk" in text and "perplexity" in text
     rep = json.loads((out / "ftctl-quantize.json").read_text())
     assert rep["bytes_after"] < rep["bytes_before"] and rep["perplexity_after"] > 0
     # within a few percent of the float model's perplexity on the same rows
@@ -129,6 +142,7 @@ def test_bitdelta_stores_signs_and_scales_and_rebuilds_the_model(tmp_path, merge
     r = run_cli("quantize", f"model={merged}", "method=bitdelta", f"base={base_path}", f"output={out}",
                 "data.limit=40", "eval_rows=4", "calibration_steps=2")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "compression" in r.stdout
     rep = json.loads((out / "ftctl-quantize.json").read_text())
     ft = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)

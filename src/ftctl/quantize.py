@@ -123,7 +123,9 @@ def bitdelta(src: Path, dst: Path, qcfg, console, calibration=None):
 
     if not qcfg.base:
         raise ConfigError("method=bitdelta needs base=<the base model folder the fine-tune started from>")
-    base_path = Path(qcfg.base).expanduser().resolve()
+    from . import models
+
+    base_path = Path(models.resolve(qcfg.base, None)).resolve()  # a folder, builtin:<name> or a hub id
     if not (base_path / "config.json").is_file():
         raise ConfigError(f"base={base_path}: not a model folder (no config.json)")
     ft = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, use_safetensors=True)
@@ -182,7 +184,7 @@ def _distil_scales(ft, base, signs, scales, batches, qcfg, console):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            status.update(f"distilling BitDelta scales: step {step + 1}/{qcfg.calibration_steps}, logit MSE {float(loss):.4g}")
+            status.update(f"distilling BitDelta scales: step {step + 1}/{qcfg.calibration_steps}, logit MSE {float(loss.detach()):.4g}")
     return {n: p.detach() for n, p in params.items()}
 
 
@@ -289,7 +291,7 @@ def quantize(qcfg: QuantizeConfig, overrides: list[str], console) -> Path:
               "eval_rows": len(held), "data": cfg.data.path, "seconds": round(time.time() - t0, 1),
               "sample_prompt": prompt[0] if prompt else "", "sample_output": sample}
     if qcfg.method == "bitdelta":
-        report["base"] = str(Path(qcfg.base).resolve())
+        report["base"] = json.loads((tmp / BITDELTA_FILE).read_text())["base"]
         report["calibration_steps"] = qcfg.calibration_steps
     atomic_write_json(tmp / "ftctl-quantize.json", report)
     if out.exists():
