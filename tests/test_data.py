@@ -409,3 +409,65 @@ def test_cli_data_errors_exit_2_and_leave_no_run(tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
     r = run_cli("train", "data=alpaca_file")
     assert r.returncode == 2 and "data.path: required but not set" in r.stderr
+
+
+# ----------------------------------------------------------------------------- awkward input
+def test_awkward_rows_become_bad_rows_not_crashes(tmp_path, cache, tokenizer):
+    lines = ['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}',
+             '{"messages": [{"role": "user", "content": "\\ud83d"}, {"role": "assistant", "content": "x"}]}',
+             '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "tools": "x"}',
+             '{"messages": [{"role": "assistant", "content": "first"}, {"role": "user", "content": "hi"}, '
+             '{"role": "assistant", "content": "yo"}]}']
+    f = tmp_path / "chat.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    b = pipeline.build(_cfg(tmp_path, f, "data.bad_rows=skip", template="chat"), tokenizer)
+    assert (b.train.kept, b.train.skipped_bad) == (1, 3)
+    msgs = "\n".join(b.train.bad_examples)
+    assert "chat.jsonl:2: undecodable text" in msgs and "chat.jsonl:3: the tokenizer's chat template failed" in msgs
+    assert "chat.jsonl:4: message 0 is an assistant turn" in msgs
+
+
+def test_parquet_dates_nested_columns_and_mapped_field_names(tmp_path, cache, tokenizer):
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "qa.parquet"
+    pq.write_table(pa.table({"when": [datetime.date(2024, 1, 2)] * 2, "q": ["Capital of France?", "2+2?"],
+                             "answers": [{"text": ["Paris", "paris"]}, {"text": []}]}), f)
+    cfg = _cfg(tmp_path, f, "+data.columns.instruction=q", "+data.columns.output=answers.text.0", "data.bad_rows=skip")
+    b = pipeline.build(cfg, tokenizer)
+    assert b.train.references == ["Paris"]
+    assert b.train.bad_examples == [f"{f}: row 2: field 'answers.text.0' is missing "
+                                    "(data.columns.output=answers.text.0)"]
+    g = write_jsonl(tmp_path / "typed.jsonl", [{"q": "x", "a": 5}])
+    with pytest.raises(DataError, match=re.escape("typed.jsonl:1: field 'a' (data.columns.output) must be a string")):
+        pipeline.build(_cfg(tmp_path, g, "+data.columns.instruction=q", "+data.columns.output=a"), tokenizer)
+
+
+def test_mixed_sources_report_their_own_counts(tmp_path, cache, tokenizer):
+    task = write_jsonl(tmp_path / "task.jsonl", ROWS)
+    extra = write_jsonl(tmp_path / "extra.jsonl", ROWS[:2] + [{"instruction": "long " * 200, "output": "x"}])
+    b = pipeline.build(_cfg(tmp_path, task, "data.max_length=64", f"+data.mix=[{{path:{extra},weight:0.25}}]"), tokenizer)
+    assert b.train.mixed_in == 2
+    assert b.train.mix_reports == [f"data.mix[0] {extra}: 2 of 3 rows kept, 1 too long dropped; 2 rows added (weight 0.25)"]
+    assert "mixed in" in pipeline.describe(b.train)
+
+
+def test_template_config_errors_are_config_errors():
+    from ftctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"template.phrasings\[0\]: no '\|\|\|'"):
+        compose("template=flan_summarize", "template.phrasings=[just a prompt]")
+    with pytest.raises(ConfigError, match=r"template.phrasings\[1\]: template line 1"):
+        compose("template=flan_summarize", "template.phrasings=['{{a}}|||{{b}}','{{a|||b']")
+    with pytest.raises(ConfigError, match="template.vars.options: required but not set|template.vars.options"):
+        compose("template=flan_classify")
+
+
+def test_preference_transcripts_differing_before_the_last_turn_are_refused():
+    c = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Bye\n\nAssistant: Bye!"
+    r = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: See you\n\nAssistant: Go."
+    with pytest.raises(DataError, match="differ before their last assistant turn"):
+        preference({"chosen": c, "rejected": r}, Context(cfg={"style": "plain"}))

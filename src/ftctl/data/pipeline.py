@@ -26,7 +26,7 @@ from .tokenize import IGNORE_INDEX, encode, n_trained, pack, packed_row
 
 log = logging.getLogger("ftctl")
 
-PIPELINE_VERSION = "5"  # bump when rendering or tokenization changes, so old caches are not reused
+PIPELINE_VERSION = "6"  # bump when rendering or tokenization changes, so old caches are not reused
 SHOW_BAD = 3  # how many skipped rows are named in the report
 
 
@@ -143,11 +143,7 @@ def _process(row: dict, tpl, ctx: Context, tokenizer, data_cfg) -> dict:
     except DataError as e:
         out.update(status="bad", error=_name_mapped(e.message, columns))
         return out
-    try:
-        return _encode(rendered, row, out, tokenizer, data_cfg)
-    except UnicodeError:  # e.g. a lone surrogate escaped in JSON ("\ud83d"): not text a tokenizer can take
-        out.update(status="bad", error="undecodable text (an unpaired UTF-16 surrogate)")
-        return out
+    return _encode(rendered, row, out, tokenizer, data_cfg)
 
 
 def _encode(rendered, row: dict, out: dict, tokenizer, data_cfg) -> dict:
@@ -229,7 +225,13 @@ def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_c
             if err:
                 rec = {**_empty(), "status": "bad", "error": err}
             else:
-                rec = _process(json.loads(row_json), tpl, ctx, tokenizer, data_cfg)
+                row = json.loads(row_json)
+                try:  # an escaped unpaired surrogate ("\ud83d") is valid JSON but not text
+                    json.dumps(row, ensure_ascii=False).encode("utf-8")
+                except UnicodeEncodeError:
+                    rec = {**_empty(), "status": "bad", "error": "undecodable text (an unpaired UTF-16 surrogate)"}
+                else:
+                    rec = _process(row, tpl, ctx, tokenizer, data_cfg)
             for k, v in rec.items():
                 cols.setdefault(k, []).append(v)
         return cols
