@@ -182,3 +182,8 @@ def test_generate_and_chat_commands(tmp_path, lora_run):
     assert len(p.stdout.splitlines()) == 2  # one streamed answer per user line
     r = run_cli("generate", f"run={lora_run}")
     assert r.returncode == 2 and 'needs prompt="..." or prompts=<file>' in r.stderr
+    # a prompt is taken literally: no YAML reading of '#', ':' or brackets
+    text = "#Person1#: Are you coming? [yes/no]\n#Person2#: No: busy."
+    r = run_cli("generate", f"run={lora_run}", f"prompt={text}", "max_new_tokens=2", f"output={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(out.read_text().splitlines()[0])["prompt"] == text

@@ -130,10 +130,6 @@ def cmd_train(args: list[str], debug: bool) -> int:
 def cmd_eval(args: list[str]) -> int:
     import dataclasses
 
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from .errors import ConfigError
     from .evaluate.run import EvalConfig, run_eval
 
     if any(a in ("-h", "--help") for a in args):
@@ -143,18 +139,16 @@ def cmd_eval(args: list[str]) -> int:
     metrics = [a for a in args if "=" not in a]
     kv = [a for a in args if "=" in a and a.split("=", 1)[0] in keys]
     overrides = [a for a in args if "=" in a and a.split("=", 1)[0] not in keys]
-    try:
-        ecfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.from_dotlist(kv))
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or ""
-        raise ConfigError(f"eval: {key + ': ' if key else ''}{str(e).splitlines()[0]}") from e
+    ecfg = _options(EvalConfig, kv, "eval")
     ecfg.metrics = list(ecfg.metrics) + metrics
-    run_eval(OmegaConf.to_object(ecfg), overrides, console=_console())
+    run_eval(ecfg, overrides, console=_console())
     return 0
 
 
 def _options(cls, args: list[str], command: str):
-    """key=value arguments into the dataclass ``cls``; one clear line for an unknown key or bad value."""
+    """key=value arguments into the dataclass ``cls``; one clear line for an unknown key or bad value.
+    Text fields take the value literally (a prompt may hold '#', ':' or brackets); the others are parsed
+    as YAML values (numbers, booleans, lists)."""
     import dataclasses
 
     from omegaconf import OmegaConf
@@ -162,15 +156,25 @@ def _options(cls, args: list[str], command: str):
 
     from .errors import ConfigError
 
-    keys = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    text, other = {}, []
     for a in args:
-        if "=" not in a or a.split("=", 1)[0] not in keys:
-            raise ConfigError(f"{command}: unknown argument {a!r}; keys: {', '.join(k + '=' for k in keys)}")
+        key = a.split("=", 1)[0]
+        if "=" not in a or key not in fields:
+            raise ConfigError(f"{command}: unknown argument {a!r}; keys: {', '.join(k + '=' for k in fields)}")
+        if str(fields[key].type).replace("Optional[", "").rstrip("]") == "str":
+            text[key] = a.split("=", 1)[1]
+        else:
+            other.append(a)
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.from_dotlist(args)))
+        conf = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.from_dotlist(other))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         raise ConfigError(f"{command}: {key + ': ' if key else ''}{str(e).splitlines()[0]}") from e
+    obj = OmegaConf.to_object(conf)
+    for k, v in text.items():
+        setattr(obj, k, v)
+    return obj
 
 
 def cmd_merge(args: list[str]) -> int:
