@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import ConfigError, RunDirError
-from .runs import read_manifest
+from .errors import ConfigError
+from .runs import load_finished_run
 
 
 @dataclass
@@ -51,12 +51,7 @@ def _load(gcfg: GenerateConfig):
     from .evaluate.run import _load_models
 
     run = Path(gcfg.run)
-    manifest = read_manifest(run)
-    if manifest is None or not (run / "config.yaml").is_file():
-        raise RunDirError(f"run={run}: not a run directory (no manifest.json/config.yaml)")
-    if manifest.get("status") != "finished":
-        raise RunDirError(f"run={run}: the run is {manifest.get('status')}, not finished")
-    cfg = OmegaConf.load(run / "config.yaml")
+    manifest, cfg = load_finished_run(run)
     tok = models.load_tokenizer(Path(manifest["model_path"]))
     _, tuned = _load_models(run, manifest, cfg, device)
     return tuned(), tok, cfg.template.name

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import ConfigError, FtctlError, RunDirError
-from .runs import atomic_write_json, read_manifest
+from .runs import atomic_write_json, load_finished_run
 
 # largest |logit difference| accepted between the merged model and base + adapter, by dtype
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
@@ -32,7 +32,6 @@ class MergeConfig:
 
 def merge(mcfg: MergeConfig, console) -> Path:
     import torch
-    from omegaconf import OmegaConf
 
     from . import models
 
@@ -41,11 +40,7 @@ def merge(mcfg: MergeConfig, console) -> Path:
     if mcfg.dtype not in TOLERANCE:
         raise ConfigError(f"dtype={mcfg.dtype!r} is not allowed; choose one of: {', '.join(TOLERANCE)}")
     run = Path(mcfg.run)
-    manifest = read_manifest(run)
-    if manifest is None or not (run / "config.yaml").is_file():
-        raise RunDirError(f"run={run}: not a run directory (no manifest.json/config.yaml)")
-    if manifest.get("status") != "finished":
-        raise RunDirError(f"run={run}: the run is {manifest.get('status')}, not finished")
+    manifest, cfg = load_finished_run(run)
     if (run / "model").is_dir() and not (run / "adapter").is_dir():
         raise ConfigError(f"run={run} is a full fine-tune: {run / 'model'} is already a standalone model folder")
     adapter = run / "adapter"
@@ -59,7 +54,6 @@ def merge(mcfg: MergeConfig, console) -> Path:
     if out.exists() and any(out.iterdir()) and not mcfg.overwrite:
         raise RunDirError(f"output={out} already exists; choose another output= or pass overwrite=true")
 
-    cfg = OmegaConf.load(run / "config.yaml")
     base_path = Path(manifest["model_path"])
     tokenizer = models.load_tokenizer(base_path)
     dtype = getattr(torch, mcfg.dtype)

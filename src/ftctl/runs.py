@@ -65,6 +65,21 @@ def read_manifest(run_dir: Path) -> dict | None:
         return None
 
 
+def load_finished_run(run_dir) -> tuple[dict, object]:
+    """(manifest, config) of a finished run directory; RunDirError naming what is wrong otherwise."""
+    from omegaconf import OmegaConf
+
+    from .errors import RunDirError
+
+    run = Path(run_dir)
+    manifest = read_manifest(run)
+    if manifest is None or not (run / "config.yaml").is_file():
+        raise RunDirError(f"run={run}: not a run directory (no manifest.json/config.yaml)")
+    if manifest.get("status") != "finished":
+        raise RunDirError(f"run={run}: the run is {manifest.get('status')}, not finished")
+    return manifest, OmegaConf.load(run / "config.yaml")
+
+
 def default_output_dir(recipe: str | None) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path("outputs") / (recipe or "train") / stamp

@@ -377,18 +377,17 @@ def build(cfg, tokenizer, console=None) -> DataBundle:
                                bool(data_cfg.val_path), bool(data_cfg.test_path))
     train = _apply("train", table, tr, data_cfg, data_cfg.path)
     fps = [table._fingerprint]
-    if data_cfg.val_path:
-        vt = load(data_cfg.val_path, "data.val_path", None)
-        validation = _apply("validation", vt, list(range(len(vt))), data_cfg, data_cfg.val_path)
-        fps.append(vt._fingerprint)
-    else:
-        validation = _apply("validation", table, va, data_cfg, data_cfg.path)
-    if data_cfg.test_path:
-        tt = load(data_cfg.test_path, "data.test_path", None)
-        test = _apply("test", tt, list(range(len(tt))), data_cfg, data_cfg.test_path)
-        fps.append(tt._fingerprint)
-    else:
-        test = _apply("test", table, te, data_cfg, data_cfg.path)
+
+    def held_out(name: str, path, indices):
+        """A held-out split: its own file when one is given, else its share of the main source."""
+        if not path:
+            return _apply(name, table, indices, data_cfg, data_cfg.path)
+        t = load(path, f"data.{'val' if name == 'validation' else name}_path", None)
+        fps.append(t._fingerprint)
+        return _apply(name, t, list(range(len(t))), data_cfg, path)
+
+    validation = held_out("validation", data_cfg.val_path, va)
+    test = held_out("test", data_cfg.test_path, te)
     if train.kept == 0:
         raise DataError(f"{data_cfg.path}: no training rows left ({train.rows} rows: {train.skipped_bad} bad rows "
                         f"skipped, {train.dropped_too_long} longer than data.max_length={data_cfg.max_length} dropped)")

@@ -15,7 +15,7 @@ from typing import List, Optional
 from omegaconf import OmegaConf
 
 from ..errors import ConfigError, RunDirError
-from ..runs import atomic_write_json, atomic_write_text, read_manifest
+from ..runs import atomic_write_json, atomic_write_text, load_finished_run
 
 
 @dataclass
@@ -107,12 +107,7 @@ def _config(ecfg: EvalConfig, overrides: list[str]):
     """The training config the rows and template come from: the run's, or composed for a model folder."""
     if ecfg.run:
         run = Path(ecfg.run)
-        manifest = read_manifest(run)
-        if manifest is None or not (run / "config.yaml").is_file():
-            raise RunDirError(f"run={run}: not a run directory (no manifest.json/config.yaml)")
-        if manifest.get("status") != "finished":
-            raise RunDirError(f"run={run}: the run is {manifest.get('status')}, not finished")
-        cfg = OmegaConf.load(run / "config.yaml")
+        manifest, cfg = load_finished_run(run)
         for o in overrides:  # e.g. data.path=other.jsonl, to score the run on another file
             if "=" not in o or o.split("=", 1)[0].split(".")[0] not in ("data", "template"):
                 raise ConfigError(f"{o}: with run=, only data.* and template.* keys can be changed")
