@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DataError
@@ -58,7 +58,6 @@ class Context:
     cfg: Any = None
     tokenizer: Any = None
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def get(self, key: str, default=None):
         if self.cfg is None:

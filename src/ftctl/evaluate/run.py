@@ -41,9 +41,6 @@ class EvalConfig:
     output: Optional[str] = None  # where eval/ goes for model=; default <model>/eval
 
 
-GEN_METRICS = ("exact_match", "rouge", "rougeL", "bleu", "accuracy", "f1")
-
-
 def _load_models(run: Path, manifest: dict, cfg, device):
     """(base, tuned) loaders for a run directory."""
     from .. import models
