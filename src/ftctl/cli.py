@@ -128,21 +128,27 @@ def cmd_train(args: list[str], debug: bool) -> int:
 
 
 def cmd_eval(args: list[str]) -> int:
-    import dataclasses
-
     from .evaluate.run import EvalConfig, run_eval
 
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
-    keys = {f.name for f in dataclasses.fields(EvalConfig)}
     metrics = [a for a in args if "=" not in a]
-    kv = [a for a in args if "=" in a and a.split("=", 1)[0] in keys]
-    overrides = [a for a in args if "=" in a and a.split("=", 1)[0] not in keys]
+    kv, overrides = _own_keys(EvalConfig, [a for a in args if "=" in a])
     ecfg = _options(EvalConfig, kv, "eval")
     ecfg.metrics = list(ecfg.metrics) + metrics
     run_eval(ecfg, overrides, console=_console())
     return 0
+
+
+def _own_keys(cls, args: list[str]) -> tuple[list[str], list[str]]:
+    """key=value arguments for the command's own dataclass ``cls``, and the rest (training-config
+    overrides such as recipe= or data.path=)."""
+    import dataclasses
+
+    keys = {f.name for f in dataclasses.fields(cls)}
+    own = [a for a in args if a.split("=", 1)[0] in keys]
+    return own, [a for a in args if a not in own]
 
 
 def _options(cls, args: list[str], command: str):
@@ -188,16 +194,12 @@ def cmd_merge(args: list[str]) -> int:
 
 
 def cmd_quantize(args: list[str]) -> int:
-    import dataclasses
-
     from .quantize import QuantizeConfig, quantize
 
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
-    keys = {f.name for f in dataclasses.fields(QuantizeConfig)}
-    own = [a for a in args if a.split("=", 1)[0] in keys]
-    rest = [a for a in args if a.split("=", 1)[0] not in keys]
+    own, rest = _own_keys(QuantizeConfig, args)
     quantize(_options(QuantizeConfig, own, "quantize"), rest, _console())
     return 0
 
