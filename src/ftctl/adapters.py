@@ -37,7 +37,7 @@ def lora(model, peft_cfg, quantized: bool = False, gradient_checkpointing: bool 
     mts = OmegaConf.to_container(peft_cfg.modules_to_save) if peft_cfg.modules_to_save is not None else None
     config = LoraConfig(r=peft_cfg.r, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout,
                         target_modules=_target_modules(peft_cfg), bias=peft_cfg.bias,
-                        modules_to_save=mts, task_type="CAUSAL_LM", **extra)
+                        modules_to_save=mts, **{"task_type": "CAUSAL_LM", **extra})
     try:
         return get_peft_model(model, config)
     except ValueError as e:
@@ -45,13 +45,13 @@ def lora(model, peft_cfg, quantized: bool = False, gradient_checkpointing: bool 
 
 
 @ADAPTERS.register("dora")
-def dora(model, peft_cfg, quantized: bool = False, gradient_checkpointing: bool = False):
+def dora(model, peft_cfg, quantized: bool = False, gradient_checkpointing: bool = False, **extra):
     """DoRA (Liu et al., 2024): LoRA on the direction of each weight plus a trained magnitude vector."""
-    return lora(model, peft_cfg, quantized, gradient_checkpointing, use_dora=True)
+    return lora(model, peft_cfg, quantized, gradient_checkpointing, use_dora=True, **extra)
 
 
 @ADAPTERS.register("full")
-def full(model, peft_cfg, quantized: bool = False, gradient_checkpointing: bool = False):
+def full(model, peft_cfg, quantized: bool = False, gradient_checkpointing: bool = False, **extra):
     """Full fine-tuning: every weight is trained."""
     if quantized:
         raise ConfigError("peft.method=full cannot train a quantized base; use quant=none, or an adapter method such as lora")

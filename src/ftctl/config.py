@@ -34,6 +34,8 @@ class ModelConfig:
     # dtype the weights are loaded in: auto (float32 on CPU, bfloat16 on a GPU that has it) | float32 | bfloat16 | float16
     dtype: str = "auto"
     trust_remote_code: bool = False
+    # continue training an adapter: <run>/adapter (or a run folder) from an earlier `ftctl train`
+    adapter: Optional[str] = None
 
 
 @dataclass
@@ -155,6 +157,21 @@ class DistributedConfig:
 
 
 @dataclass
+class DPOConfig:
+    # sigmoid (DPO) | ipo | hinge | robust (label smoothing) | simpo and orpo (no reference model)
+    loss: str = "sigmoid"
+    # strength of the pull towards the reference (DPO's beta; IPO's tau; SimPO's and ORPO's own beta)
+    beta: float = 0.1
+    # robust: the assumed fraction of flipped preference labels, in [0, 0.5); simpo: its label smoothing
+    label_smoothing: float = 0.0
+    # simpo: the target reward margin gamma
+    simpo_gamma: float = 0.5
+    # compute the reference log-probabilities once, before the first step, and cache them per dataset
+    # (no reference forward per step; the only way with model.adapter, since the reference is then the SFT policy)
+    precompute_ref: bool = False
+
+
+@dataclass
 class AfterTrainEval:
     # metrics to score at the end of training (e.g. [rouge]); stored in eval/ and manifest.json
     after_train: List[str] = field(default_factory=list)
@@ -175,6 +192,10 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: AfterTrainEval = field(default_factory=AfterTrainEval)
+    # sft (next-token loss on the template's targets) | dpo (preference pairs, see dpo.*) |
+    # reward (a Bradley-Terry reward model with a scalar head, on preference pairs)
+    objective: str = "sft"
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     description: str = ""
     # null: outputs/<recipe>/<timestamp>
     output_dir: Optional[str] = None
@@ -438,7 +459,7 @@ def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
     _allowed(cfg, "data.train_on", ("completion", "all", "assistant", "last"), files)
     _allowed(cfg, "data.bad_rows", ("error", "skip"), files)
     _allowed(cfg, "template.style", ("plain", "chat"), files)
-    known = registry.METRICS.names() + ["perplexity"]
+    known = registry.METRICS.names() + ["perplexity", "reward_accuracy"]
     for m in cfg.eval.after_train:
         if m not in known:
             raise ConfigError(f"{_locate('after_train', files)}eval.after_train: metric {m!r} is not known; "
@@ -460,6 +481,12 @@ def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
     if cfg.template.chat_template:
         jinja.check(cfg.template.chat_template, f"{_locate('chat_template', files)}template.chat_template")
     _allowed(cfg, "trainer.on_nan", ("stop", "skip"), files)
+    _allowed(cfg, "objective", ("sft", "dpo", "reward"), files)
+    _allowed(cfg, "dpo.loss", ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"), files)
+    _positive(cfg, "dpo.beta", files)
+    if not 0 <= cfg.dpo.label_smoothing < 0.5:
+        raise ConfigError(f"{_locate('label_smoothing', files)}dpo.label_smoothing={cfg.dpo.label_smoothing} "
+                          "must be in [0, 0.5)")
     _allowed(cfg, "distributed.strategy", ("single",), files)
     for key in ("trainer.batch_size", "trainer.grad_accum", "trainer.lr", "data.max_length",
                 "peft.r", "peft.alpha", "trainer.log_every", "trainer.keep_checkpoints"):

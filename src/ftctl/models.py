@@ -225,9 +225,15 @@ def load_tokenizer(folder: Path):
     return tok
 
 
-def load_model(folder: Path, model_cfg, quant_cfg, device):
-    """Load a causal LM onto ``device``; quantized with bitsandbytes when quant.method says so."""
-    from transformers import AutoModelForCausalLM
+def load_model(folder: Path, model_cfg, quant_cfg, device, head: str = "lm", pad_id: int | None = None):
+    """Load a causal LM onto ``device``; quantized with bitsandbytes when quant.method says so.
+    head="score": the same network with a scalar head instead of the LM head (a reward model; the head
+    is new, initialised from the seed, and scores the last non-padding token)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto_cls, head_kwargs = AutoModelForCausalLM, {}
+    if head == "score":
+        auto_cls, head_kwargs = AutoModelForSequenceClassification, {"num_labels": 1, "pad_token_id": pad_id}
 
     _quiet_transformers()
     folder = Path(folder)
@@ -238,7 +244,7 @@ def load_model(folder: Path, model_cfg, quant_cfg, device):
     saved_quant = "quantization_config" in json.loads((folder / "config.json").read_text()) \
         if (folder / "config.json").is_file() else False
     if saved_quant and quant_cfg.method == "none":  # a folder from ftctl quantize: it says how to load itself
-        return AutoModelForCausalLM.from_pretrained(folder, device_map={"": device}, use_safetensors=True)
+        return auto_cls.from_pretrained(folder, device_map={"": device}, use_safetensors=True, **head_kwargs)
     dtype = torch_dtype(model_cfg.dtype, device.type)
     compute = torch_dtype(quant_cfg.compute_dtype, device.type)
     qconf = QUANT.get(quant_cfg.method)(quant_cfg, compute)
@@ -248,5 +254,4 @@ def load_model(folder: Path, model_cfg, quant_cfg, device):
     kwargs = {"dtype": dtype, "trust_remote_code": model_cfg.trust_remote_code, "use_safetensors": True}
     if qconf is not None:
         kwargs.update(quantization_config=qconf, device_map={"": device})
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    return model
+    return auto_cls.from_pretrained(folder, **kwargs, **head_kwargs)

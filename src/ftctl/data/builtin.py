@@ -57,3 +57,19 @@ def demo_dates(n: int = 1200, seed: int = 20240501) -> list[dict]:
         else:
             rows.append({"instruction": rng.choice(_NO_INPUT).format(date=written), "input": "", "output": iso})
     return rows
+
+
+@DATASETS.register("demo_date_pairs")
+def demo_date_pairs(n: int = 1200, seed: int = 20240502) -> list[dict]:
+    """Preference pairs on the date task: the prompt, the right ISO date (chosen), and a plausible wrong
+    answer (rejected): month and day swapped, the date left as written, or a digit off by one year."""
+    rng = random.Random(seed)
+    rows = []
+    for r in demo_dates(n, seed):
+        prompt = r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")
+        y, m, d = (int(x) for x in r["output"].split("-"))
+        wrong = [f"{y:04d}-{d:02d}-{m:02d}" if d != m and d <= 12 else f"{y + 1:04d}-{m:02d}-{d:02d}",
+                 f"{y - 1:04d}-{m:02d}-{d:02d}",
+                 f"The date is {MONTHS[m - 1]} {d}, {y}."]
+        rows.append({"prompt": prompt, "chosen": r["output"], "rejected": rng.choice(wrong)})
+    return rows

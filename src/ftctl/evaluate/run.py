@@ -18,6 +18,10 @@ from ..errors import ConfigError, RunDirError
 from ..runs import atomic_write_json, atomic_write_text, load_finished_run
 
 
+# metrics computed from the model's scores of the reference answers, not from generated text
+MODEL_METRICS = ("perplexity", "reward_accuracy")
+
+
 @dataclass
 class EvalConfig:
     run: Optional[str] = None  # a run directory
@@ -47,8 +51,11 @@ def _load_models(run: Path, manifest: dict, cfg, device):
 
     base_path = Path(manifest["model_path"])
 
+    head = "score" if cfg.get("objective") == "reward" else "lm"
+
     def base():
-        return models.load_model(base_path, cfg.model, cfg.quant, device)
+        return models.load_model(base_path, cfg.model, cfg.quant, device, head=head,
+                                 pad_id=models.load_tokenizer(base_path).pad_token_id)
 
     def tuned():
         if (run / "adapter").is_dir():
@@ -60,10 +67,25 @@ def _load_models(run: Path, manifest: dict, cfg, device):
                 raise RunDirError(f"adapter {run / 'adapter'} does not fit the base model {base_path} "
                                   f"({str(e).strip().splitlines()[0][:160]})") from e
         if (run / "model").is_dir():
-            return models.load_model(run / "model", cfg.model, cfg.quant, device)
+            return models.load_model(run / "model", cfg.model, cfg.quant, device, head=head,
+                                     pad_id=models.load_tokenizer(base_path).pad_token_id)
         raise RunDirError(f"{run}: no adapter/ or model/ folder (did the run finish?)")
 
     return base, tuned
+
+
+def _reference_loader(run: Path, manifest: dict, cfg, device, base_loader):
+    """The DPO reference of a run: the base, or base + the SFT adapter it continued (model.adapter)."""
+    if not cfg.model.get("adapter"):
+        return base_loader
+
+    def load():
+        from peft import PeftModel
+
+        from ..train.setup import adapter_folder
+
+        return PeftModel.from_pretrained(base_loader(), adapter_folder(cfg.model.adapter))
+    return load
 
 
 def _check(ecfg: EvalConfig) -> None:
@@ -73,7 +95,7 @@ def _check(ecfg: EvalConfig) -> None:
         raise ConfigError("ftctl eval needs run=<run directory> or model=<model folder>")
     if ecfg.run and ecfg.model:
         raise ConfigError("ftctl eval takes run= or model=, not both")
-    names = METRICS.names() + ["perplexity"]
+    names = METRICS.names() + list(MODEL_METRICS)
     if not ecfg.metrics:
         raise ConfigError(f"ftctl eval needs at least one metric; available: {', '.join(names)}")
     for m in ecfg.metrics:
@@ -168,6 +190,41 @@ def perplexity(model, examples: list[dict], pad_id: int, batch_size: int) -> tup
     return math.exp(total / max(count, 1)), rows
 
 
+def pair_scores(model, examples: list[dict], pad_id: int, batch_size: int):
+    """(chosen, rejected) scores of each pair: a reward model's scalar output, or a policy's summed
+    log-probability of each answer."""
+    import torch
+
+    from ..train.objectives import pair_collate, sequence_logps
+
+    device = next(model.parameters()).device
+    model.eval()
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in pair_collate(examples[i:i + batch_size], pad_id).items()}
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            if out.logits.shape[-1] == 1:  # a reward model's scalar head
+                s = out.logits.squeeze(-1).float()
+            else:
+                s, _ = sequence_logps(out.logits, batch["labels"])
+            k = s.shape[0] // 2
+            chosen += s[:k].tolist()
+            rejected += s[k:].tolist()
+    return chosen, rejected
+
+
+def reward_accuracy(scores, ref_scores=None) -> tuple[float, list[float]]:
+    """Share of pairs whose chosen answer gets the higher reward (a tie counts one half). With ref_scores
+    the reward is DPO's implicit one, log pi - log pi_ref (beta does not change the order)."""
+    c, r = scores
+    if ref_scores is not None:
+        c = [a - b for a, b in zip(c, ref_scores[0])]
+        r = [a - b for a, b in zip(r, ref_scores[1])]
+    rows = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(c, r)]
+    return sum(rows) / max(len(rows), 1), rows
+
+
 def run_eval(ecfg: EvalConfig, overrides: list[str] | None = None, console=None) -> dict:
     import torch
     from rich.console import Console
@@ -215,7 +272,24 @@ def run_eval(ecfg: EvalConfig, overrides: list[str] | None = None, console=None)
     if ecfg.compare == "base":
         which.append(("base", base_loader, prompts))
 
-    gen_metrics = [m for m in ecfg.metrics if m != "perplexity"]
+    gen_metrics = [m for m in ecfg.metrics if m not in MODEL_METRICS]
+    objective = cfg.get("objective", "sft")
+    if objective == "reward" and set(ecfg.metrics) != {"reward_accuracy"}:
+        raise ConfigError(f"{run}: a reward model scores answers, it does not write them; the metric for it is "
+                          "reward_accuracy")
+    ref_scores = None
+    if "reward_accuracy" in ecfg.metrics:
+        if not bundle.preference:
+            raise ConfigError(f"reward_accuracy needs preference pairs (template=preference); {cfg.data.path} with "
+                              f"template={tpl.name} gives single answers")
+        if objective != "reward":
+            if run is None:
+                raise ConfigError("reward_accuracy of a policy needs run=<a DPO run> (its implicit reward is measured "
+                                  "against the run's reference model)")
+            with console.status(f"reference log-probabilities of {n} pairs"):
+                ref = _reference_loader(run, manifest, cfg, device, base_loader)()
+                ref_scores = pair_scores(ref, examples, tokenizer.pad_token_id, ecfg.batch_size)
+                del ref
     results, per_row, preds_by = {}, {}, {}
     for label, loader, these_prompts in which:
         t0 = time.time()
@@ -235,6 +309,10 @@ def run_eval(ecfg: EvalConfig, overrides: list[str] | None = None, console=None)
         if "perplexity" in ecfg.metrics:
             with console.status(f"perplexity of the {label} model on {n} rows"):
                 scores["perplexity"] = perplexity(model, examples, tokenizer.pad_token_id, ecfg.batch_size)
+        if "reward_accuracy" in ecfg.metrics:
+            with console.status(f"scoring {n} preference pairs with the {label} model"):
+                scores["reward_accuracy"] = reward_accuracy(
+                    pair_scores(model, examples, tokenizer.pad_token_id, ecfg.batch_size), ref_scores)
         del model
         results[label] = {k: round(v[0], 4) for k, v in scores.items()}
         results[label]["seconds"] = round(time.time() - t0, 1)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import __version__
 from ..errors import ConfigError, NonFiniteError, Preempted
+from .objectives import StepStats
 from ..runs import (Metrics, atomic_write_json, atomic_write_text, default_output_dir, git_commit,
                     library_versions, prepare_output_dir)
 
@@ -94,26 +95,16 @@ def _setup_logging(out: Path, debug: bool) -> logging.Handler:
     return handler
 
 
-def _validation_loss(model, examples, batch_size, pad_id, device) -> float | None:
-    import torch
-
-    from ..data.tokenize import collate
-
+def _validate(objective, model, examples, batch_size, device) -> dict | None:
     if not examples:
         return None
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            out = model(**batch, num_items_in_batch=n, use_cache=False)
-            total += float(out.loss) * n
-            count += n
-    if was_training:
-        model.train()
-    return total / max(count, 1)
+    try:
+        return objective.validate(model, examples, batch_size, device)
+    finally:
+        if was_training:
+            model.train()
 
 
 def _save_final(model, tokenizer, out: Path, is_adapter: bool) -> Path:
@@ -163,10 +154,10 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
 
     from .. import adapters, models
     from ..data import pipeline
-    from ..data.tokenize import collate
     from ..progress import TrainProgress
     from ..registry import ADAPTERS
     from . import checkpoint
+    from . import setup as objectives_setup
 
     console = console or Console(soft_wrap=True)
     t_start = time.time()
@@ -203,13 +194,22 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
         for bad in sd.bad_examples:
             console.print(f"  skipped: {bad}", highlight=False, markup=False)
     log.info("data cache: %d hit(s), %d miss(es)", bundle.cache_hits, bundle.cache_misses)
-    if bundle.preference:
+    if bundle.preference and cfg.objective == "sft":
         console.print("preference pairs with the SFT objective: training on prompt + chosen answer", highlight=False)
+    if cfg.objective != "sft" and not bundle.preference:
+        raise ConfigError(f"objective={cfg.objective} needs preference pairs (template=preference or preference_chat, "
+                          f"rows with chosen and rejected); {cfg.data.path} gave single examples")
     quantized = cfg.quant.method != "none"
-    model = models.load_model(model_path, cfg.model, cfg.quant, device)
+    model = models.load_model(model_path, cfg.model, cfg.quant, device,
+                              head="score" if cfg.objective == "reward" else "lm", pad_id=tokenizer.pad_token_id)
     base_bytes = model.get_memory_footprint()
-    model = ADAPTERS.get(cfg.peft.method)(model, cfg.peft, quantized=quantized,
-                                          gradient_checkpointing=cfg.trainer.gradient_checkpointing)
+    if cfg.model.adapter:
+        model = objectives_setup.continue_adapter(model, cfg.model.adapter, quantized, cfg.trainer.gradient_checkpointing)
+    else:
+        # a reward model's adapter also trains its new scalar head (peft's SEQ_CLS task saves "score")
+        task = {"task_type": "SEQ_CLS"} if cfg.objective == "reward" else {}
+        model = ADAPTERS.get(cfg.peft.method)(model, cfg.peft, quantized=quantized,
+                                              gradient_checkpointing=cfg.trainer.gradient_checkpointing, **task)
     is_adapter = adapters.is_adapter(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
@@ -228,6 +228,8 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     scheduler = get_scheduler(cfg.trainer.scheduler if cfg.trainer.scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    objective = objectives_setup.make_objective(cfg, accelerator.unwrap_model(model), tokenizer.pad_token_id, bundle,
+                                                model_path, steps, console)
     start_step, tokens_seen, skipped = 0, 0, 0
     if resume and ckpt is None:
         console.print(f"resume=true: no complete checkpoint in {out / 'checkpoints'} yet; starting at step 0",
@@ -258,10 +260,10 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
 
     # -- loop
     progress = TrainProgress(console, steps, start_step, cfg.trainer.log_every)
-    pad_id = tokenizer.pad_token_id
     tc = cfg.trainer
     model.train()
     last_loss = val_loss = None
+    last_val: dict = {}
     window_t, window_tokens = time.time(), 0
     stop = StopFlag()
     try:
@@ -270,16 +272,17 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                 micro_examples = [[train_data.examples[i] for i in batch_indices(
                     n_rows, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j)]
                     for j in range(tc.grad_accum)]
-                micro_batches = [collate(exs, pad_id) for exs in micro_examples]
-                real_tokens = [sum(len(e["input_ids"]) for e in exs) for exs in micro_examples]
-                # normalise by the target tokens of the whole step, so accumulation equals one big batch
-                n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+                micro_batches = [objective.collate(exs) for exs in micro_examples]
+                real_tokens = [objective.tokens(exs) for exs in micro_examples]
+                # normalise by the targets (tokens, or pairs) of the whole step, so accumulation equals one big batch
+                n_items = objective.count(micro_batches)
                 step_loss = 0.0
+                stats = StepStats() if cfg.objective != "sft" else None
                 for j, batch in enumerate(micro_batches):
                     batch = {k: v.to(device) for k, v in batch.items()}
                     sync = j == len(micro_batches) - 1
                     with nullcontext() if sync else accelerator.no_sync(model):
-                        loss = model(**batch, num_items_in_batch=n_items, use_cache=False).loss
+                        loss = objective.loss(model, batch, n_items, stats)
                         accelerator.backward(loss)
                     step_loss += float(loss.detach())
                     window_tokens += real_tokens[j]
@@ -310,7 +313,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                            "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
                            "tokens": tokens_seen, "tokens_per_s": window_tokens / max(now - window_t, 1e-9),
                            "epoch": round(done * tc.grad_accum * tc.batch_size / n_rows, 4),
-                           "skipped_steps": skipped}
+                           "skipped_steps": skipped, **(stats.means() if stats else {})}
                     metrics.log(**row)
                     log.info("step %d loss %.4f lr %.3e tok/s %.0f", done, step_loss, row["lr"], row["tokens_per_s"])
                     progress.update(done, row)
@@ -318,11 +321,14 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                 else:
                     progress.update(done, None)
                 if (tc.eval_every and done % tc.eval_every == 0) or done == steps:
-                    val_loss = _validation_loss(model, val_data.examples[:tc.eval_max_rows], tc.batch_size, pad_id, device)
-                    if val_loss is not None:
-                        metrics.log(step=done, val_loss=round(val_loss, 6))
-                        log.info("step %d val_loss %.4f", done, val_loss)
-                        progress.print(f"step {done}: validation loss {val_loss:.4f}")
+                    val = _validate(objective, model, val_data.examples[:tc.eval_max_rows], tc.batch_size, device)
+                    if val is not None:
+                        val_loss = val["val_loss"]
+                        metrics.log(step=done, **{k: round(v, 6) for k, v in val.items()})
+                        log.info("step %d %s", done, " ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                        extra = f", preference accuracy {val['val_accuracy']:.3f}" if "val_accuracy" in val else ""
+                        progress.print(f"step {done}: validation loss {val_loss:.4f}{extra}")
+                        last_val = val
                 if (tc.save_every and done % tc.save_every == 0) or done == steps or stop.signum is not None:
                     checkpoint.save(out / "checkpoints", done, accelerator.unwrap_model(model), optimizer, scheduler,
                                     {"step": done, "tokens_seen": tokens_seen, "skipped_steps": skipped},
@@ -341,7 +347,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
         raise
     progress.close()
     manifest.update(status="finished", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    final_train_loss=last_loss, final_val_loss=val_loss, output=final.name,
+                    final_train_loss=last_loss, final_val_loss=val_loss, final_val=last_val, output=final.name,
                     wall_time_s=round(time.time() - t_start, 1))
     atomic_write_json(out / "manifest.json", manifest)
     metrics.close()

@@ -1,0 +1,249 @@
+"""Training objectives: what one micro-batch costs, and what is logged about it.
+
+``sft`` is the next-token loss on the template's targets. ``dpo`` covers the preference losses of the
+DPO family, on the log-probabilities of each pair's chosen and rejected answers (summed over the answer's
+tokens; averaged per token where a loss asks for it). ``reward`` trains a Bradley-Terry reward model: a
+scalar head scores both answers and the loss is -log sigmoid(r_chosen - r_rejected).
+
+The loss formulas follow the papers and TRL's trainers (checked against TRL in tests/test_dpo.py):
+  sigmoid  DPO (Rafailov et al., 2023)        -log s(b * d)
+  robust   rDPO (Chowdhury et al., 2024)       ((1-e) * -log s(b d) - e * -log s(-b d)) / (1 - 2e)
+  hinge    SLiC (Zhao et al., 2023)            max(0, 1 - b d)
+  ipo      IPO (Azar et al., 2023)             (d_avg - 1 / (2b))^2, log-ratios averaged per token
+  simpo    SimPO (Meng et al., 2024)           -log s(b (avg_c - avg_r) - gamma), no reference
+  orpo     ORPO (Hong et al., 2024)            NLL(chosen) - b log s(log odds_c - log odds_r), no reference
+where d = (log pi_c - log ref_c) - (log pi_r - log ref_r), s is the logistic function and
+avg is the per-token average log-probability of an answer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+# ----------------------------------------------------------------------------- losses
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0, computed stably (Maechler, 2012)."""
+    import math
+
+    import torch
+
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def preference_losses(kind: str, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
+                      chosen_tokens=None, rejected_tokens=None, beta: float = 0.1, label_smoothing: float = 0.0,
+                      simpo_gamma: float = 0.5):
+    """Per-pair losses and the implicit rewards of the chosen and rejected answers.
+
+    ``*_logps`` are summed log-probabilities of each answer (shape [pairs]); ``*_tokens`` the number of
+    answer tokens (for ipo, simpo and orpo, which work per token). For orpo the returned loss is only
+    the odds-ratio term; the caller adds the chosen answers' NLL.
+    """
+    import torch.nn.functional as F
+
+    b = beta
+    if kind in ("sigmoid", "robust", "hinge", "ipo"):
+        chosen_ratio = chosen_logps - ref_chosen_logps
+        rejected_ratio = rejected_logps - ref_rejected_logps
+        d = chosen_ratio - rejected_ratio
+        if kind == "sigmoid":
+            losses = -F.logsigmoid(b * d)
+        elif kind == "robust":
+            e = label_smoothing
+            losses = (-(1 - e) * F.logsigmoid(b * d) + e * F.logsigmoid(-b * d)) / (1 - 2 * e)
+        elif kind == "hinge":
+            losses = (1 - b * d).clamp(min=0)
+        else:
+            d_avg = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+            losses = (d_avg - 1 / (2 * b)) ** 2
+        return losses, b * chosen_ratio.detach(), b * rejected_ratio.detach()
+    avg_c = chosen_logps / chosen_tokens.clamp(min=1)
+    avg_r = rejected_logps / rejected_tokens.clamp(min=1)
+    if kind == "simpo":
+        z = avg_c - avg_r - simpo_gamma / b
+        e = label_smoothing
+        losses = -F.logsigmoid(b * z) * (1 - e) - F.logsigmoid(-b * z) * e
+    elif kind == "orpo":
+        avg_c, avg_r = avg_c.float(), avg_r.float()
+        log_odds = (avg_c - avg_r) - (_log1mexp(avg_c) - _log1mexp(avg_r))
+        losses = -b * F.logsigmoid(log_odds)
+    else:
+        raise ValueError(f"unknown preference loss {kind!r}")
+    return losses, b * avg_c.detach(), b * avg_r.detach()
+
+
+def bradley_terry_losses(chosen_scores, rejected_scores):
+    """Reward-model loss: -log sigmoid(r_chosen - r_rejected) per pair."""
+    import torch.nn.functional as F
+
+    return -F.logsigmoid(chosen_scores - rejected_scores)
+
+
+# ----------------------------------------------------------------------------- log-probabilities
+def sequence_logps(logits, labels):
+    """Summed log-probabilities of the labelled tokens of each row, and how many there are.
+
+    logits [B, T, V] predict labels [B, T] shifted by one; positions labelled -100 do not count.
+    Computed as gathered logit minus logsumexp, which never materialises a [B, T, V] log-softmax.
+    """
+    import torch
+
+    logits = logits[:, -labels.shape[1]:-1].float()  # prompt-learning adapters prepend virtual positions
+    target = labels[:, 1:]
+    mask = target != IGNORE_INDEX
+    picked = logits.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    token_logps = (picked - torch.logsumexp(logits, dim=-1)) * mask
+    return token_logps.sum(-1), mask.sum(-1)
+
+
+# ----------------------------------------------------------------------------- batches
+def pair_collate(examples: list[dict], pad_id: int) -> dict:
+    """Chosen rows then rejected rows in one right-padded batch of 2 x pairs rows."""
+    from ..data.tokenize import collate
+
+    rows = ([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+            + [{"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples])
+    batch = collate(rows, pad_id)
+    if "ref_chosen" in examples[0]:
+        import torch
+
+        batch["ref_chosen"] = torch.tensor([e["ref_chosen"] for e in examples], dtype=torch.float32)
+        batch["ref_rejected"] = torch.tensor([e["ref_rejected"] for e in examples], dtype=torch.float32)
+    return batch
+
+
+@dataclass
+class StepStats:
+    """Sums over the pairs of a step (or of a validation pass), turned into means for the log. Accuracy:
+    the share of pairs whose chosen answer has the higher reward, a tie counting one half (so a DPO policy
+    that has not moved from its reference scores 0.5, not 0)."""
+    pairs: int = 0
+    loss: float = 0.0
+    chosen: float = 0.0
+    rejected: float = 0.0
+    correct: float = 0.0
+
+    def add(self, losses, chosen, rejected) -> None:
+        self.pairs += int(losses.numel())
+        self.loss += float(losses.detach().sum())
+        self.chosen += float(chosen.sum())
+        self.rejected += float(rejected.sum())
+        self.correct += float((chosen > rejected).float().sum() + 0.5 * (chosen == rejected).float().sum())
+
+    def means(self, prefix: str = "") -> dict:
+        n = max(self.pairs, 1)
+        return {f"{prefix}rewards_chosen": round(self.chosen / n, 6), f"{prefix}rewards_rejected": round(self.rejected / n, 6),
+                f"{prefix}margin": round((self.chosen - self.rejected) / n, 6), f"{prefix}accuracy": round(self.correct / n, 6)}
+
+
+# ----------------------------------------------------------------------------- objectives
+class SFT:
+    """Next-token cross-entropy on the labelled tokens, normalised by the target tokens of the whole step."""
+    name = "sft"
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def collate(self, examples):
+        from ..data.tokenize import collate
+
+        return collate(examples, self.pad_id)
+
+    def count(self, batches) -> int:
+        return sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+
+    def tokens(self, examples) -> int:
+        return sum(len(e["input_ids"]) for e in examples)
+
+    def loss(self, model, batch, n_items, stats=None):
+        return model(**batch, num_items_in_batch=n_items, use_cache=False).loss
+
+    def validate(self, model, examples, batch_size, device) -> dict:
+        import torch
+
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(examples), batch_size):
+                batch = {k: v.to(device) for k, v in self.collate(examples[i:i + batch_size]).items()}
+                n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                out = model(**batch, num_items_in_batch=n, use_cache=False)
+                total += float(out.loss) * n
+                count += n
+        return {"val_loss": total / max(count, 1)}
+
+
+class Preference:
+    """Shared by DPO and the reward model: batches of pairs, a loss averaged over the pairs of a step."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def collate(self, examples):
+        return pair_collate(examples, self.pad_id)
+
+    def count(self, batches) -> int:
+        return sum(b["input_ids"].shape[0] // 2 for b in batches)
+
+    def tokens(self, examples) -> int:
+        return sum(len(e["input_ids"]) + len(e["rejected_input_ids"]) for e in examples)
+
+    def validate(self, model, examples, batch_size, device) -> dict:
+        import torch
+
+        stats = StepStats()
+        with torch.no_grad():
+            for i in range(0, len(examples), batch_size):
+                batch = {k: v.to(device) for k, v in self.collate(examples[i:i + batch_size]).items()}
+                self.loss(model, batch, 1, stats)
+        return {"val_loss": stats.loss / max(stats.pairs, 1), **stats.means("val_")}
+
+
+class DPO(Preference):
+    name = "dpo"
+
+    def __init__(self, pad_id: int, dpo_cfg, reference=None):
+        """``reference(batch) -> (ref_chosen, ref_rejected)`` for losses that need one, unless the batch
+        carries precomputed ``ref_chosen`` / ``ref_rejected``."""
+        super().__init__(pad_id)
+        self.cfg = dpo_cfg
+        self.reference = reference
+
+    def policy_logps(self, model, batch):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        logps, n_tok = sequence_logps(out.logits, batch["labels"])
+        return logps, n_tok, out.logits
+
+    def loss(self, model, batch, n_items, stats=None):
+        c = self.cfg
+        logps, n_tok, logits = self.policy_logps(model, batch)
+        pairs = logps.shape[0] // 2
+        ref_c = ref_r = None
+        if c.loss not in REFERENCE_FREE:
+            if "ref_chosen" in batch:
+                ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
+            else:
+                ref_c, ref_r = self.reference(batch)
+        losses, chosen_r, rejected_r = preference_losses(
+            c.loss, logps[:pairs], logps[pairs:], ref_c, ref_r, chosen_tokens=n_tok[:pairs],
+            rejected_tokens=n_tok[pairs:], beta=c.beta, label_smoothing=c.label_smoothing, simpo_gamma=c.simpo_gamma)
+        if c.loss == "orpo":  # plus the SFT loss on the chosen answers (token-averaged per answer, as in ORPO)
+            losses = losses - logps[:pairs] / n_tok[:pairs].clamp(min=1)
+        if stats is not None:
+            stats.add(losses, chosen_r, rejected_r)
+        return losses.sum() / n_items
+
+
+class Reward(Preference):
+    name = "reward"
+
+    def loss(self, model, batch, n_items, stats=None):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        scores = out.logits.squeeze(-1).float()
+        pairs = scores.shape[0] // 2
+        losses = bradley_terry_losses(scores[:pairs], scores[pairs:])
+        if stats is not None:
+            stats.add(losses, scores[:pairs].detach(), scores[pairs:].detach())
+        return losses.sum() / n_items

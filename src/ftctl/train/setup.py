@@ -1,0 +1,179 @@
+"""Objective set-up for the runner: which objective, where the DPO reference comes from, and continuing
+an adapter from an earlier run.
+
+The DPO reference is the policy as training starts, found the cheapest way that is exact:
+  - a new adapter that starts as the identity (LoRA-style zero init): the same model with the adapter
+    disabled, so there is no second copy in memory (checked on the first batch; otherwise precomputed);
+  - ``model.adapter`` (continuing an SFT adapter) or ``dpo.precompute_ref=true``: log-probabilities
+    computed once before the first step for every pair the run will see, cached under
+    $FTCTL_CACHE/ref/ keyed by data, model, adapter and method;
+  - full fine-tuning: a frozen copy of the starting weights (or precomputed, as above).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ..errors import ConfigError
+from .objectives import DPO, REFERENCE_FREE, SFT, Reward, sequence_logps
+
+
+def adapter_folder(spec: str) -> Path:
+    """model.adapter: an adapter folder, or a run folder holding adapter/."""
+    p = Path(spec).expanduser()
+    if (p / "adapter").is_dir():
+        p = p / "adapter"
+    if not (p / "adapter_config.json").is_file():
+        what = "no such folder" if not p.exists() else "no adapter_config.json there"
+        raise ConfigError(f"model.adapter={spec}: {what} (expected a run from `ftctl train` with an adapter method, "
+                          "or its adapter/ folder)")
+    return p
+
+
+def continue_adapter(model, spec: str, quantized: bool, gradient_checkpointing: bool):
+    """Load an earlier run's adapter onto the base, trainable, to go on training it."""
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    folder = adapter_folder(spec)
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    try:
+        return PeftModel.from_pretrained(model, folder, is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(f"model.adapter={spec}: does not fit model.path ({str(e).splitlines()[0][:200]})") from e
+
+
+@contextmanager
+def _eval_mode(model):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if was:
+            model.train()
+
+
+def _pair_logps(model, batch, ctx=nullcontext):
+    import torch
+
+    with torch.no_grad(), _eval_mode(model), ctx():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logps, _ = sequence_logps(out.logits, batch["labels"])
+    pairs = logps.shape[0] // 2
+    return logps[:pairs], logps[pairs:]
+
+
+def _stat(path: Path) -> list:
+    """Identity of a model or adapter folder: its weight files' names, sizes and modification times."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) if path.is_dir() else [path]
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
+
+
+def _ref_cache_key(cfg, bundle, model_path) -> str:
+    parts = {"v": 1, "data": bundle.fingerprint, "model": [str(model_path), _stat(model_path)],
+             "adapter": [cfg.model.adapter, _stat(adapter_folder(cfg.model.adapter))] if cfg.model.adapter else None,
+             "peft": OmegaConf.to_container(cfg.peft, resolve=True), "seed": cfg.seed, "dtype": cfg.model.dtype,
+             "quant": OmegaConf.to_container(cfg.quant, resolve=True)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def precompute_reference(cfg, model, objective, bundle, model_path, steps: int, console) -> None:
+    """Reference log-probabilities of every pair the run will visit (training rows of its steps, and the
+    validation rows it scores), stored on the examples as ref_chosen / ref_rejected; cached on disk."""
+    import torch
+
+    from ..paths import cache_dir
+    from .runner import batch_indices
+
+    tc = cfg.trainer
+    n_rows = len(bundle.train.examples)
+    visit = sorted({i for m in range(steps * tc.grad_accum)
+                    for i in batch_indices(n_rows, tc.batch_size, cfg.seed, cfg.data.shuffle, m)})
+    todo = {"train": visit, "validation": list(range(min(len(bundle.validation.examples), tc.eval_max_rows)))}
+    key = _ref_cache_key(cfg, bundle, model_path)
+    f = cache_dir() / "ref" / f"{key}.pt"
+    cached = torch.load(f, weights_only=True) if f.is_file() and cfg.data.cache else {}
+    added = 0
+    device = next(model.parameters()).device
+    for split, idx in todo.items():
+        examples = getattr(bundle, split).examples
+        have = cached.setdefault(split, {})
+        missing = [i for i in idx if i not in have]
+        if missing:
+            console.print(f"dpo: reference log-probabilities for {len(missing)} {split} pairs", highlight=False)
+        for k in range(0, len(missing), tc.batch_size):
+            chunk = missing[k:k + tc.batch_size]
+            batch = {n: v.to(device) for n, v in objective.collate([examples[i] for i in chunk]).items()}
+            c, r = _pair_logps(model, batch)
+            for i, a, b in zip(chunk, c.tolist(), r.tolist()):
+                have[i] = (a, b)
+            added += len(chunk)
+        for i in idx:
+            examples[i]["ref_chosen"], examples[i]["ref_rejected"] = have[i]
+    if added and cfg.data.cache:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(f".tmp-{os.getpid()}")
+        torch.save(cached, tmp)
+        os.replace(tmp, f)
+
+
+def _identity_at_start(model, objective, examples) -> bool:
+    """Does the new adapter leave the model's outputs unchanged (so disabling it gives the start policy)?"""
+    batch = objective.collate(examples[:2])
+    batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+    on = _pair_logps(model, batch)
+    off = _pair_logps(model, batch, model.disable_adapter)
+    return all(bool((a - b).abs().max() <= 1e-4 * (1 + b.abs().max())) for a, b in zip(on, off))
+
+
+def make_objective(cfg, model, pad_id: int, bundle, model_path, steps: int, console):
+    """The runner's objective for ``cfg.objective``; for DPO, with its reference set up."""
+    from ..adapters import is_adapter
+
+    if cfg.objective == "sft":
+        return SFT(pad_id)
+    if cfg.objective == "reward":
+        return Reward(pad_id)
+    dcfg = cfg.dpo
+    objective = DPO(pad_id, dcfg)
+    if dcfg.loss in REFERENCE_FREE:
+        console.print(f"dpo: loss={dcfg.loss} needs no reference model", highlight=False)
+        return objective
+    adapter = is_adapter(model)
+    if adapter and not cfg.model.adapter and not dcfg.precompute_ref:
+        if _identity_at_start(model, objective, bundle.train.examples):
+            console.print("dpo: reference = the base model with the adapter disabled (no second copy)",
+                          highlight=False)
+            objective.reference = lambda batch: _pair_logps(model, batch, model.disable_adapter)
+            return objective
+        console.print(f"dpo: peft.method={cfg.peft.method} changes the model's outputs at initialisation; the "
+                      "reference (the starting policy) is precomputed instead", highlight=False)
+    if not adapter and not dcfg.precompute_ref:
+        frozen = copy.deepcopy(model).eval()
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        console.print("dpo: reference = a frozen copy of the starting weights (dpo.precompute_ref=true avoids "
+                      "the copy)", highlight=False)
+        objective.reference = lambda batch: _pair_logps(frozen, batch)
+        return objective
+    why = "model.adapter: the reference is the SFT policy" if cfg.model.adapter and not dcfg.precompute_ref else \
+        "dpo.precompute_ref=true"
+    console.print(f"dpo: reference log-probabilities precomputed before the first step ({why})", highlight=False)
+    precompute_reference(cfg, model, objective, bundle, model_path, steps, console)
+
+    def missing(batch):
+        raise ConfigError("dpo: a batch without precomputed reference log-probabilities (internal error)")
+
+    objective.reference = missing
+    return objective
