@@ -182,6 +182,9 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     tokenizer = models.load_tokenizer(model_path)
     bundle = pipeline.build(cfg, tokenizer)
     train_data, val_data = bundle.train, bundle.validation
+    if cfg.objective != "sft" and not bundle.preference:
+        raise ConfigError(f"objective={cfg.objective} needs preference pairs (template=preference or preference_chat, "
+                          f"rows with chosen and rejected); {cfg.data.path} gave single examples")
     prepare_output_dir(out, overwrite=cfg.overwrite, resume=bool(resume))
     handler = _setup_logging(out, debug)
     console.print(f"[bold]ftctl train[/] recipe={choices.get('recipe', '-')} model={cfg.model.name} "
@@ -196,9 +199,6 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     log.info("data cache: %d hit(s), %d miss(es)", bundle.cache_hits, bundle.cache_misses)
     if bundle.preference and cfg.objective == "sft":
         console.print("preference pairs with the SFT objective: training on prompt + chosen answer", highlight=False)
-    if cfg.objective != "sft" and not bundle.preference:
-        raise ConfigError(f"objective={cfg.objective} needs preference pairs (template=preference or preference_chat, "
-                          f"rows with chosen and rejected); {cfg.data.path} gave single examples")
     quantized = cfg.quant.method != "none"
     model = models.load_model(model_path, cfg.model, cfg.quant, device,
                               head="score" if cfg.objective == "reward" else "lm", pad_id=tokenizer.pad_token_id)
