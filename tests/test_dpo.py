@@ -198,3 +198,23 @@ def test_preference_objective_refuses_single_examples(tmp_path):
     with pytest.raises(ConfigError, match="objective=dpo needs preference pairs"):
         train(*compose("model=tiny_llama", "data.limit=20", "objective=dpo", f"output_dir={tmp_path / 'x'}"))
     assert not (tmp_path / "x").exists()
+
+
+def test_two_stage_sft_then_dpo_continues_the_adapter(tmp_path):
+    """SFT on the chosen answers, then DPO from that adapter: the reference is the SFT policy (precomputed),
+    so the first DPO step sits exactly at log 2, and the adapter keeps training from where SFT left it."""
+    from safetensors.torch import load_file
+
+    from ftctl.errors import ConfigError
+
+    sft = train(*compose(*TINY, "trainer.max_steps=4", "trainer.lr=1e-2", "trainer.eval_every=0",
+                         f"output_dir={tmp_path / 'sft'}"))
+    dpo = train(*compose(*TINY, "objective=dpo", "trainer.max_steps=3", "trainer.lr=1e-2", "trainer.eval_every=0",
+                         f"model.adapter={sft}", f"output_dir={tmp_path / 'dpo'}"))
+    first = next(m for m in read_metrics(dpo) if "loss" in m)
+    assert abs(first["loss"] - 0.693147) < 1e-4 and first["margin"] == pytest.approx(0, abs=1e-5)
+    a = load_file(str(sft / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(dpo / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="model.adapter=.*no adapter_config.json"):
+        train(*compose(*TINY, "objective=dpo", f"model.adapter={tmp_path}", f"output_dir={tmp_path / 'bad'}"))

@@ -169,6 +169,8 @@ class DPOConfig:
     # compute the reference log-probabilities once, before the first step, and cache them per dataset
     # (no reference forward per step; the only way with model.adapter, since the reference is then the SFT policy)
     precompute_ref: bool = False
+    # set every dropout to 0 in the policy, so that policy and reference see the same network (as TRL does)
+    disable_dropout: bool = True
 
 
 @dataclass

@@ -147,6 +147,12 @@ def make_objective(cfg, model, pad_id: int, bundle, model_path, steps: int, cons
         return Reward(pad_id)
     dcfg = cfg.dpo
     objective = DPO(pad_id, dcfg)
+    if dcfg.disable_dropout:
+        import torch
+
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
     if dcfg.loss in REFERENCE_FREE:
         console.print(f"dpo: loss={dcfg.loss} needs no reference model", highlight=False)
         return objective
