@@ -218,3 +218,16 @@ def test_two_stage_sft_then_dpo_continues_the_adapter(tmp_path):
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="model.adapter=.*no adapter_config.json"):
         train(*compose(*TINY, "objective=dpo", f"model.adapter={tmp_path}", f"output_dir={tmp_path / 'bad'}"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dpo.loss=kto", "dpo.loss='kto' is not allowed; choose one of: sigmoid, ipo, hinge, robust, simpo, orpo"),
+    ("dpo.label_smoothing=0.5", r"dpo.label_smoothing=0.5 must be in \[0, 0.5\)"),
+    ("objective=ppo", "objective='ppo' is not allowed; choose one of: sft, dpo, reward"),
+    ("dpo.beta=0", "dpo.beta=0.0 must be > 0"),
+])
+def test_bad_preference_settings_are_one_line_errors(override, message):
+    from ftctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        compose(*TINY, override)
