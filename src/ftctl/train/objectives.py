@@ -210,6 +210,7 @@ class DPO(Preference):
         super().__init__(pad_id)
         self.cfg = dpo_cfg
         self.reference = reference
+        self.reference_kind: str | None = None  # what the reference is, for the manifest
 
     def policy_logps(self, model, batch):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)

@@ -18,9 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import __version__
 from ..errors import ConfigError, NonFiniteError, Preempted
-from .objectives import StepStats
 from ..runs import (Metrics, atomic_write_json, atomic_write_text, default_output_dir, git_commit,
                     library_versions, prepare_output_dir)
+from .objectives import StepStats
 
 log = logging.getLogger("ftctl")
 
@@ -250,6 +250,8 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
         "seed": cfg.seed, "device": str(device), "mixed_precision": mixed,
         "train_rows": len(train_data.examples), "val_rows": val_data.kept,
         "data": {sd.name: pipeline.describe(sd) for sd in (train_data, val_data)}, "total_steps": steps,
+        "objective": cfg.objective, "reference": getattr(objective, "reference_kind", None),
+        "continued_from": str(objectives_setup.adapter_folder(cfg.model.adapter)) if cfg.model.adapter else None,
         "trainable_params": n_trainable, "total_params": n_total, "base_memory_bytes": base_bytes, "adapter": is_adapter,
         "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -155,6 +155,7 @@ def make_objective(cfg, model, pad_id: int, bundle, model_path, steps: int, cons
                 m.p = 0.0
     if dcfg.loss in REFERENCE_FREE:
         console.print(f"dpo: loss={dcfg.loss} needs no reference model", highlight=False)
+        objective.reference_kind = "none"
         return objective
     adapter = is_adapter(model)
     if adapter and not cfg.model.adapter and not dcfg.precompute_ref:
@@ -162,6 +163,7 @@ def make_objective(cfg, model, pad_id: int, bundle, model_path, steps: int, cons
             console.print("dpo: reference = the base model with the adapter disabled (no second copy)",
                           highlight=False)
             objective.reference = lambda batch: _pair_logps(model, batch, model.disable_adapter)
+            objective.reference_kind = "base model (adapter disabled)"
             return objective
         console.print(f"dpo: peft.method={cfg.peft.method} changes the model's outputs at initialisation; the "
                       "reference (the starting policy) is precomputed instead", highlight=False)
@@ -172,6 +174,7 @@ def make_objective(cfg, model, pad_id: int, bundle, model_path, steps: int, cons
         console.print("dpo: reference = a frozen copy of the starting weights (dpo.precompute_ref=true avoids "
                       "the copy)", highlight=False)
         objective.reference = lambda batch: _pair_logps(frozen, batch)
+        objective.reference_kind = "frozen copy of the starting weights"
         return objective
     why = "model.adapter: the reference is the SFT policy" if cfg.model.adapter and not dcfg.precompute_ref else \
         "dpo.precompute_ref=true"
@@ -182,4 +185,5 @@ def make_objective(cfg, model, pad_id: int, bundle, model_path, steps: int, cons
         raise ConfigError("dpo: a batch without precomputed reference log-probabilities (internal error)")
 
     objective.reference = missing
+    objective.reference_kind = "precomputed from the starting policy"
     return objective
