@@ -149,6 +149,7 @@ def test_dpo_run_on_tiny_llama_learns_the_preference(tmp_path):
     assert val["val_accuracy"] > 0.7 and val["val_margin"] > 0, val
     man = json.loads((out / "manifest.json").read_text())
     assert man["final_val"]["val_accuracy"] == val["val_accuracy"]
+    assert man["objective"] == "dpo" and man["reference"] == "base model (adapter disabled)"
 
 
 def test_reference_by_disabled_adapter_equals_the_base_model(tmp_path):
@@ -213,6 +214,8 @@ def test_two_stage_sft_then_dpo_continues_the_adapter(tmp_path):
                          f"model.adapter={sft}", f"output_dir={tmp_path / 'dpo'}"))
     first = next(m for m in read_metrics(dpo) if "loss" in m)
     assert abs(first["loss"] - 0.693147) < 1e-4 and first["margin"] == pytest.approx(0, abs=1e-5)
+    man = json.loads((dpo / "manifest.json").read_text())
+    assert man["reference"] == "precomputed from the starting policy" and man["continued_from"].endswith("sft/adapter")
     a = load_file(str(sft / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(dpo / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
