@@ -190,7 +190,7 @@ def _loss_figure(train, val, with_tokens: bool = True):
         ax.set_ylabel("loss")
         if x == "tokens":
             _tokens_fmt(ax)
-        ax.legend(frameon=False, fontsize=8)
+        ax.legend(frameon=False, fontsize=8, loc="best")
     axes[0].set_title("loss against steps", fontsize=10)
     if with_tokens:
         axes[1].set_title("loss against tokens seen", fontsize=10)
@@ -244,7 +244,7 @@ def _grad_figure(train, clip):
     ax.set_xlabel("step")
     ax.set_ylabel("norm (before clipping)")
     ax.set_title("gradient norm", fontsize=10)
-    ax.legend(frameon=False, fontsize=8)
+    ax.legend(frameon=False, fontsize=8, loc="best")
     return fig
 
 
@@ -738,7 +738,9 @@ def sweep_report_html(folder: Path, trial_dirs: list[Path]) -> tuple[str, dict]:
         if not (t["train"] or t["val"]):
             thumb = '<p class="muted">no metrics</p>'
         else:
-            thumb = _img(_png(_loss_figure(t["train"], t["val"], with_tokens=False)), f"loss of trial {t['dir'].name}")
+            fig = _loss_figure(t["train"], t["val"], with_tokens=False)
+            fig.axes[0].set_title(f"trial {t['dir'].name}: {t['label']}", fontsize=10)
+            thumb = _img(_png(fig), f"loss of trial {t['dir'].name}")
         body.append(f'<figure id="trial-{_e(t["dir"].name)}">{thumb}<figcaption>trial {_e(t["dir"].relative_to(folder))}'
                     f": {_e(t['label'])} — {_e(t['man'].get('status'))}</figcaption></figure>")
     body.append("</div>")
