@@ -60,13 +60,23 @@ def test_tensorboard_event_files_hold_the_metrics(tracked_run):
     assert acc.Scalars("eval/rougeL")[0].value == pytest.approx(man["eval"]["rougeL"])
 
 
-def test_mlflow_run_is_readable_with_search_runs(tracked_run):
+@pytest.fixture
+def mlflow_at(monkeypatch):
+    """mlflow.set_tracking_uri for one test (it also exports MLFLOW_TRACKING_URI, which would leak)."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield lambda run: mlflow.set_tracking_uri(f"sqlite:///{run.resolve() / 'mlflow.db'}")
+    mlflow.set_tracking_uri(None)
+
+
+def test_mlflow_run_is_readable_with_search_runs(tracked_run, mlflow_at):
     import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tracked_run.resolve() / 'mlflow.db'}"
     train, val = _train_rows(tracked_run)
-    mlflow.set_tracking_uri(uri)
+    mlflow_at(tracked_run)
     runs = mlflow.search_runs(experiment_names=["ftctl"], output_format="list")
     assert len(runs) == 1
     run = runs[0]
@@ -83,6 +93,30 @@ def test_mlflow_run_is_readable_with_search_runs(tracked_run):
     assert {"adapter_model.safetensors", "adapter_config.json"} <= adapter
     assert (tracked_run / "mlruns").is_dir()
     assert {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "plots")} >= {"loss.png"}
+
+
+def test_resume_continues_the_same_mlflow_run(tracked_run, tmp_path, mlflow_at):
+    """resume=true: the same MLflow run (its id in tracking.json) goes on; the params that changed, which MLflow
+    refuses to overwrite, become resumed.<key> tags."""
+    import mlflow
+    from accelerate import Accelerator
+
+    from ftctl import tracking
+
+    for f in ("mlflow.db", "tracking.json"):
+        shutil.copy(tracked_run / f, tmp_path / f)
+    cfg, _ = compose(*TINY, "trainer.max_steps=5", "logging.report_to=[mlflow]", f"output_dir={tmp_path}")
+    trackers = tracking.Trackers(cfg, tmp_path, Accelerator(cpu=True, log_with=tracking.log_with(cfg, tmp_path, True)),
+                                 start_step=3)
+    trackers.log({"step": 4, "loss": 1.5, "lr": 0.1}, 4)
+    trackers.finish(None)
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # put back as it was, for the next run in this process
+    mlflow_at(tmp_path)
+    runs = mlflow.search_runs(experiment_names=["ftctl"], output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = mlflow.tracking.MlflowClient().get_metric_history(runs[0].info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4] and runs[0].data.metrics["train/loss"] == 1.5
+    assert runs[0].data.tags["resumed.trainer.max_steps"] == "5" and runs[0].data.params["trainer.max_steps"] == "3"
 
 
 def _wandb_records(path: Path):
@@ -256,6 +290,20 @@ def test_tracker_config_errors(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ConfigError, match=r"^logging.report_to=wandb needs the wandb package: pip install wandb$"):
         compose("model=tiny_llama", "logging.report_to=[tensorboard,wandb]")
+
+
+def test_wandb_auto_mode_is_offline_without_an_api_key(tmp_path, monkeypatch):
+    from ftctl.tracking import _wandb_mode
+
+    cfg, _ = compose("model=tiny_llama")
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    assert _wandb_mode(cfg) == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # W&B's own setting wins
+    assert _wandb_mode(cfg) == "disabled"
+    cfg.logging.wandb_mode = "online"
+    assert _wandb_mode(cfg) == "online"
 
 
 def _color_pixels(img, color=PLOT_COLOR, tol=30) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -65,7 +66,7 @@ class MLflow(Guarded, MLflowTracker):
         MLflowTracker.__init__(self, experiment_name=project, run_name=run_name, run_id=run_id,
                                logging_dir=str(Path(out).resolve() / "mlruns") if local else None,
                                tags={"ftctl.run_dir": str(Path(out).resolve())})
-        self.uri = uri
+        self.uri, self.resumed = uri, run_id is not None
 
     def start(self):
         def go():
@@ -73,6 +74,11 @@ class MLflow(Guarded, MLflowTracker):
 
             for name in ("mlflow", "alembic"):  # table creation and migration notices on the console
                 logging.getLogger(name).setLevel(logging.WARNING)
+            from mlflow.tracking._tracking_service import utils
+
+            # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: put both back when the run ends, or the
+            # next run in this process (a sweep's next trial) would log into this run's store
+            self._before = (getattr(utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI"))
             mlflow.set_tracking_uri(self.uri)
             MLflowTracker.start(self)
             self.run_id = self.active_run.info.run_id
@@ -80,6 +86,21 @@ class MLflow(Guarded, MLflowTracker):
 
     def where(self) -> str:
         return f"mlflow ({self.uri})"
+
+    def store_init_configuration(self, values: dict):
+        """MLflow refuses to change a logged param: a resumed run logs only new keys, and the changed ones
+        (trainer.max_steps=..., resume=true) as resumed.<key> tags."""
+        def go():
+            import mlflow
+
+            have = mlflow.get_run(self.run_id).data.params if self.resumed else {}
+            changed = {f"resumed.{k}": str(v)[:5000] for k, v in values.items() if k in have and have[k] != str(v)}
+            if changed:
+                mlflow.set_tags(changed)
+            new = {k: v for k, v in values.items() if k not in have}
+            if new:
+                MLflowTracker.store_init_configuration(self, new)
+        self._safe("logging the config", go)
 
     def log_final(self, final, out):
         import mlflow
@@ -95,6 +116,19 @@ class MLflow(Guarded, MLflowTracker):
 
         mlflow.end_run(status={"finished": "FINISHED", "interrupted": "KILLED", "preempted": "KILLED"}.get(
             self.status, "FAILED"))
+
+    def finish(self):
+        super().finish()
+        before = getattr(self, "_before", None)
+        if before is not None:
+            import mlflow
+
+            self._before = None
+            mlflow.set_tracking_uri(before[0])
+            if before[1] is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = before[1]
 
 
 class WandB(Guarded, WandBTracker):
