@@ -9,9 +9,18 @@ FTCTL   = $(VENV)/bin/ftctl
 STAMP   = $(VENV)/.ftctl-setup
 DEMO_DIR ?= outputs/demo
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast clean browser
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# headless Chromium for the test that opens `ftctl report`'s page (tests/test_report.py skips, saying
+# why, where there is none): Debian's package, installed when missing and apt-get can run as root
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	        echo "could not install chromium; the report's browser test will be skipped"; \
+	    else echo "no chromium and no root apt-get; the report's browser test will be skipped"; fi; }
 
 # torch first: the CPU build where there is no NVIDIA GPU (pip takes it from the local disk when it
 # is there), so that no dependency pulls a multi-GB CUDA wheel; the default (CUDA) build otherwise.

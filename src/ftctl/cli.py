@@ -21,6 +21,8 @@ commands:
         generate for one prompt or a file of prompts, wrapped as the run was trained (raw=true: as is)
   chat run=DIR|model=DIR [system="..."] [do_sample=true]
         talk to the model in the terminal, answers streamed (lines piped in are user turns)
+  report run=DIR [output=FILE] [examples=5]
+        plots/ and one self-contained report.html for a run directory or a sweep folder
   data preview [recipe=NAME] [n=3] [split=train|validation|test] [key=value ...]
         show rendered examples (trained tokens marked) and token statistics, without training
   recipes
@@ -215,6 +217,18 @@ def cmd_generate(args: list[str], chat: bool) -> int:
     return 0
 
 
+def cmd_report(args: list[str]) -> int:
+    from .report import ReportConfig, report
+
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    # `ftctl report DIR` works too
+    args = [a if "=" in a else f"run={a}" for a in args]
+    report(_options(ReportConfig, args, "report"), _console())
+    return 0
+
+
 def cmd_data(args: list[str]) -> int:
     from .config import compose
     from .data.preview import show
@@ -293,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_quantize(rest)
         if cmd in ("generate", "chat"):
             return cmd_generate(rest, chat=cmd == "chat")
-        _err(f"unknown command '{cmd}' (commands: train, eval, merge, quantize, generate, chat, data, recipes; "
+        if cmd == "report":
+            return cmd_report(rest)
+        _err(f"unknown command '{cmd}' (commands: train, eval, report, merge, quantize, generate, chat, data, recipes; "
              "see ftctl --help)")
         return 2
     except FtctlError as e:

@@ -184,6 +184,25 @@ class AfterTrainEval:
 
 
 @dataclass
+class LoggingConfig:
+    # experiment trackers, through Accelerate: [] (none) | any of [tensorboard, mlflow, wandb]
+    # (a bare name works too: logging.report_to=tensorboard)
+    report_to: Any = field(default_factory=list)
+    # MLflow experiment / W&B project name
+    project: str = "ftctl"
+    # the run's name in the trackers; null: the run directory's last two path parts
+    run_name: Optional[str] = None
+    # mlflow: null = $MLFLOW_TRACKING_URI if set, else sqlite:///<run>/mlflow.db (artifacts in <run>/mlruns; no server)
+    mlflow_tracking_uri: Optional[str] = None
+    # wandb: auto (offline unless an API key is configured) | online | offline
+    wandb_mode: str = "auto"
+    # upload the final adapter (or model) as an artifact to mlflow and wandb, with plots/ and eval/
+    log_artifacts: bool = True
+    # write PNG plots of the metrics into <run>/plots when the run ends
+    plots: bool = True
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -194,6 +213,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: AfterTrainEval = field(default_factory=AfterTrainEval)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     # sft (next-token loss on the template's targets) | dpo (preference pairs, see dpo.*) |
     # reward (a Bradley-Terry reward model with a scalar head, on preference pairs)
     objective: str = "sft"
@@ -490,6 +510,9 @@ def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
         raise ConfigError(f"{_locate('label_smoothing', files)}dpo.label_smoothing={cfg.dpo.label_smoothing} "
                           "must be in [0, 0.5)")
     _allowed(cfg, "distributed.strategy", ("single",), files)
+    from .tracking import check_config as _check_logging
+
+    _check_logging(cfg, lambda key: _locate(key, files))
     for key in ("trainer.batch_size", "trainer.grad_accum", "trainer.lr", "data.max_length",
                 "peft.r", "peft.alpha", "trainer.log_every", "trainer.keep_checkpoints"):
         _positive(cfg, key, files)

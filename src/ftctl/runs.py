@@ -9,6 +9,8 @@
       adapter/         the final adapter in PEFT format, with the tokenizer (adapter methods)
       model/           the final model, with the tokenizer (peft.method=full)
       eval/            results of `ftctl eval`
+      plots/           PNG plots of metrics.jsonl and eval/ (ftctl.report), report.html from `ftctl report`
+      tensorboard/ mlflow.db mlruns/ wandb/ tracking.json   the trackers of logging.report_to (ftctl.tracking)
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from pathlib import Path
 from .errors import RunDirError
 
 # everything ftctl writes at the top of a run directory; overwrite=true removes only these
-RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl", "train.log", "checkpoints", "adapter", "model", "eval")
+RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl", "train.log", "checkpoints", "adapter", "model", "eval",
+             "plots", "report.html", "tensorboard", "mlflow.db", "mlruns", "wandb", "tracking.json")
 
 
 def fsync_dir(path: Path) -> None:

@@ -152,7 +152,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     from rich.console import Console
     from transformers import get_scheduler
 
-    from .. import adapters, models
+    from .. import adapters, models, report, tracking
     from ..data import pipeline
     from ..progress import TrainProgress
     from ..registry import ADAPTERS
@@ -173,7 +173,8 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     mixed = {"auto": None, "fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision.name]
     if mixed is None:
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(),
+                              log_with=tracking.log_with(cfg, out, resume=bool(resume)))
     device = accelerator.device
     set_seed(cfg.seed)
 
@@ -257,6 +258,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     }
     atomic_write_json(out / "manifest.json", manifest)
     metrics = Metrics(out / "metrics.jsonl", resume_step=start_step if resume else None)
+    trackers = tracking.Trackers(cfg, out, accelerator, console, start_step=start_step)
     console.print(f"{n_rows} train rows, {val_data.kept} validation rows, {steps} steps, "
                   f"{n_trainable:,} trainable of {n_total:,} parameters", highlight=False)
 
@@ -317,6 +319,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                            "epoch": round(done * tc.grad_accum * tc.batch_size / n_rows, 4),
                            "skipped_steps": skipped, **(stats.means() if stats else {})}
                     metrics.log(**row)
+                    trackers.log(row, done)
                     log.info("step %d loss %.4f lr %.3e tok/s %.0f", done, step_loss, row["lr"], row["tokens_per_s"])
                     progress.update(done, row)
                     window_t, window_tokens = now, 0
@@ -327,6 +330,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                     if val is not None:
                         val_loss = val["val_loss"]
                         metrics.log(step=done, **{k: round(v, 6) for k, v in val.items()})
+                        trackers.log({k: round(v, 6) for k, v in val.items()}, done)
                         log.info("step %d %s", done, " ".join(f"{k} {v:.4f}" for k, v in val.items()))
                         extra = f", preference accuracy {val['val_accuracy']:.3f}" if "val_accuracy" in val else ""
                         progress.print(f"step {done}: validation loss {val_loss:.4f}{extra}")
@@ -345,6 +349,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
         manifest.update(status=status, error=f"{type(e).__name__}: {e}")
         atomic_write_json(out / "manifest.json", manifest)
         metrics.close()
+        trackers.finish(status=status)
         log.removeHandler(handler)
         raise
     progress.close()
@@ -356,6 +361,9 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     console.print(f"[green]done[/] in {time.time() - t_start:.0f}s: {final}", highlight=False)
     if cfg.eval.after_train:
         _after_train_eval(cfg, out, manifest, console)
+    if cfg.logging.plots:
+        report.plots_after_run(out, console)  # a failure here is a warning line, the run stays finished
+    trackers.finish(final, eval_scores=manifest.get("eval"))
     log.info("finished: %s", final)
     log.removeHandler(handler)
     handler.close()
