@@ -112,13 +112,15 @@ def precompute_reference(cfg, model, objective, bundle, model_path, steps: int, 
         missing = [i for i in idx if i not in have]
         if missing:
             console.print(f"dpo: reference log-probabilities for {len(missing)} {split} pairs", highlight=False)
-        for k in range(0, len(missing), tc.batch_size):
-            chunk = missing[k:k + tc.batch_size]
-            batch = {n: v.to(device) for n, v in objective.collate([examples[i] for i in chunk]).items()}
-            c, r = _pair_logps(model, batch)
-            for i, a, b in zip(chunk, c.tolist(), r.tolist()):
-                have[i] = (a, b)
-            added += len(chunk)
+        with console.status(f"dpo: reference log-probabilities of {split} pairs") as status:
+            for k in range(0, len(missing), tc.batch_size):
+                chunk = missing[k:k + tc.batch_size]
+                batch = {n: v.to(device) for n, v in objective.collate([examples[i] for i in chunk]).items()}
+                c, r = _pair_logps(model, batch)
+                for i, a, b in zip(chunk, c.tolist(), r.tolist()):
+                    have[i] = (a, b)
+                added += len(chunk)
+                status.update(f"dpo: reference log-probabilities of {split} pairs: {k + len(chunk)}/{len(missing)}")
         for i in idx:
             examples[i]["ref_chosen"], examples[i]["ref_rejected"] = have[i]
     if added and cfg.data.cache:
