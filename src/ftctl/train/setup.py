@@ -104,7 +104,6 @@ def precompute_reference(cfg, model, objective, bundle, model_path, steps: int, 
     key = _ref_cache_key(cfg, bundle, model_path)
     f = cache_dir() / "ref" / f"{key}.pt"
     cached = torch.load(f, weights_only=True) if f.is_file() and cfg.data.cache else {}
-    added = 0
     device = next(model.parameters()).device
     for split, idx in todo.items():
         examples = getattr(bundle, split).examples
@@ -119,15 +118,14 @@ def precompute_reference(cfg, model, objective, bundle, model_path, steps: int, 
                 c, r = _pair_logps(model, batch)
                 for i, a, b in zip(chunk, c.tolist(), r.tolist()):
                     have[i] = (a, b)
-                added += len(chunk)
                 status.update(f"dpo: reference log-probabilities of {split} pairs: {k + len(chunk)}/{len(missing)}")
         for i in idx:
             examples[i]["ref_chosen"], examples[i]["ref_rejected"] = have[i]
-    if added and cfg.data.cache:
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(f".tmp-{os.getpid()}")
-        torch.save(cached, tmp)
-        os.replace(tmp, f)
+        if missing and cfg.data.cache:  # saved per split: an interrupted run keeps what it computed
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_suffix(f".tmp-{os.getpid()}")
+            torch.save(cached, tmp)
+            os.replace(tmp, f)
 
 
 def _identity_at_start(model, objective, examples) -> bool:
