@@ -136,17 +136,18 @@ TINY = ["model=tiny_llama", "data=demo_date_pairs", "template=preference", "data
 
 
 def test_dpo_run_on_tiny_llama_learns_the_preference(tmp_path):
-    cfg, choices = compose(*TINY, "objective=dpo", "trainer.max_steps=10", "trainer.lr=1e-2", "trainer.eval_every=10",
+    cfg, choices = compose(*TINY, "objective=dpo", "trainer.max_steps=40", "trainer.lr=5e-3", "trainer.eval_every=40",
                            f"output_dir={tmp_path / 'run'}")
     out = train(cfg, choices)
     rows = read_metrics(out)
     steps = [m for m in rows if "loss" in m]
-    assert len(steps) == 10 and abs(steps[0]["loss"] - 0.6931) < 1e-3  # log 2: policy == reference at step 1
+    assert len(steps) == 40 and abs(steps[0]["loss"] - 0.6931) < 1e-3  # log 2: policy == reference at step 1
     assert steps[0]["margin"] == 0 and steps[0]["accuracy"] == 0.5
     for key in ("rewards_chosen", "rewards_rejected", "margin", "accuracy"):
         assert all(key in m for m in steps)
     val = [m for m in rows if "val_accuracy" in m][-1]
-    assert val["val_accuracy"] > 0.7 and val["val_margin"] > 0, val
+    # 20 held-out pairs; the policy starts at accuracy 0.5 and loss log 2 (0.693); here it ends at 0.8 / 0.50
+    assert val["val_accuracy"] >= 0.7 and val["val_margin"] > 0.2 and val["val_loss"] < 0.6, val
     man = json.loads((out / "manifest.json").read_text())
     assert man["final_val"]["val_accuracy"] == val["val_accuracy"]
     assert man["objective"] == "dpo" and man["reference"] == "base model (adapter disabled)"

@@ -10,7 +10,8 @@ from ftctl.config import list_recipes
 
 # recipe -> the file under ../shared/data it reads (None: the built-in demo data)
 SHARED = {"dialogsum_flan": "dialogsum/dialogsum.test.jsonl", "hh_rlhf_chat": "hh_rlhf/harmless_base.jsonl.gz",
-          "hh_rlhf_pairs": "hh_rlhf/harmless_base.jsonl.gz", "gsm8k_alpaca": "alpaca_format/gsm8k_alpaca.json",
+          "hh_rlhf_pairs": "hh_rlhf/harmless_base.jsonl.gz",
+          "hh_rlhf_dpo": "hh_rlhf/harmless_base.jsonl.gz", "gsm8k_alpaca": "alpaca_format/gsm8k_alpaca.json",
           "sms_spam": "sms_spam/sms_spam.csv"}
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
