@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         # machine, and torch's pytree module a deprecation: neither is the user's concern
         logging.getLogger("torchao").setLevel(logging.ERROR)
         logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+        # bitsandbytes, on a CPU with AVX512-BF16, looks for an optional faster 4-bit kernel on the hub and
+        # falls back to its own when it is not there
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
     try:
         if cmd == "train":
