@@ -103,14 +103,39 @@ class TemplateConfig:
 
 @dataclass
 class PeftConfig:
+    # an entry of ftctl's method registry (configs/peft/ has one file each; README: Adaptation methods)
     method: str = "lora"
-    r: int = 16
+    r: int = 16  # rank (LoRA family, LoHa, LoKr, VeRA; AdaLoRA's starting rank)
     alpha: int = 32
-    dropout: float = 0.05
-    # a list of module names, or "all-linear"
+    dropout: float = 0.05  # LoRA/VeRA dropout; module dropout for LoHa, LoKr, OFT, BOFT
+    # "all-linear", a list of module names, a regular expression over full module names (per-layer
+    # patterns), or null (the method's own default for the architecture: IA3, LN tuning)
     target_modules: Any = "all-linear"
+    # only these block indices get the adapter (null: every block)
+    layers_to_transform: Optional[List[int]] = None
     bias: str = "none"
+    # modules trained whole beside the adapter, e.g. [embed_tokens, norm] (LongLoRA's LoRA+ trains these)
     modules_to_save: Optional[List[str]] = None
+    # loraplus: the learning rate of the B matrices is this times trainer.lr
+    loraplus_lr_ratio: float = 16.0
+    # ia3: which target modules are feed-forward (scaled on their input); null with target_modules null
+    feedforward_modules: Optional[List[str]] = None
+    # adalora: the average rank the budget is pruned to (from r)
+    target_r: int = 8
+    # oft / boft: the size of the orthogonal blocks; boft: the number of butterfly factors
+    block_size: int = 32
+    n_butterfly_factor: int = 1
+    # prompt_tuning / prefix_tuning / p_tuning: virtual tokens; p_tuning: the prompt encoder's width
+    num_virtual_tokens: int = 20
+    encoder_hidden_size: int = 128
+    # prompt_tuning: sample_vocab (embeddings of random vocabulary tokens) | random | text (prompt_init_text's tokens)
+    prompt_init: str = "sample_vocab"
+    prompt_init_text: Optional[str] = None
+    # adaption_prompt: prompt length, and how many of the top layers get one
+    adapter_len: int = 10
+    adapter_layers: int = 8
+    # freeze: how many of the last blocks train (with the final norm and the output head)
+    trainable_layers: int = 2
 
 
 @dataclass
@@ -226,6 +251,9 @@ class TrainConfig:
     resume: Any = False
     overwrite: bool = False
 
+
+# trainer.optimizer: torch's AdamW and SGD (momentum 0.9), bitsandbytes' 8-bit and paged AdamW, transformers' Adafactor
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor")
 
 GROUPS = ("model", "data", "template", "peft", "quant", "precision", "trainer", "distributed")
 
@@ -406,13 +434,29 @@ def _one_line(exc: BaseException, files: list[Path]) -> str:
     return "; ".join(line.strip() for line in msg.splitlines() if line.strip())
 
 
+def _unparsable_override(overrides: list[str], exc: BaseException) -> str:
+    """Which override Hydra's grammar could not read, and how to quote it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for o in overrides:
+        try:
+            parser.parse_overrides([o])
+        except Exception as e:  # noqa: BLE001 - any parse failure names this override
+            key, _, value = o.partition("=")
+            why = str(e).strip().splitlines()[0]
+            return (f"{o}: cannot read this override ({why}); quote a value holding brackets, parentheses, "
+                    f"commas or spaces, e.g. {key}='\"{value}\"' on a shell command line")
+    return str(exc).strip().splitlines()[0]
+
+
 def compose(command: str, overrides: list[str]) -> tuple[DictConfig, dict]:
     """Compose configs/<command>.yaml + recipe + overrides into a validated config (no model loads).
 
     Returns the config and the group choices (``{"recipe": ..., "model": ...}``).
     """
     import hydra
-    from hydra.errors import HydraException, MissingConfigException
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
     register_schemas()
@@ -423,6 +467,8 @@ def compose(command: str, overrides: list[str]) -> tuple[DictConfig, dict]:
     try:
         with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=command):
             cfg = hydra.compose(config_name=command, overrides=hydra_overrides, return_hydra_config=True)
+    except OverrideParseException as e:
+        raise ConfigError(_unparsable_override(overrides, e)) from e
     except (HydraException, MissingConfigException, OmegaConfBaseException, ValueError) as e:
         raise ConfigError(_one_line(e, files)) from e
     choices = dict(cfg.hydra.runtime.choices)
@@ -476,7 +522,14 @@ def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
     _allowed(cfg, "model.dtype", ("auto", "float32", "bfloat16", "float16"), files)
     _allowed(cfg, "quant.compute_dtype", ("auto", "float32", "bfloat16", "float16"), files)
     _allowed(cfg, "trainer.scheduler", ("cosine", "linear", "constant"), files)
-    _allowed(cfg, "trainer.optimizer", ("adamw",), files)
+    _allowed(cfg, "trainer.optimizer", OPTIMIZERS, files)
+    _allowed(cfg, "peft.prompt_init", ("sample_vocab", "random", "text"), files)
+    from .adapters import PROMPT_METHODS
+
+    if cfg.peft.method in PROMPT_METHODS and cfg.data.packing:
+        raise ConfigError(f"{_locate('packing', files)}data.packing=true does not work with peft.method={cfg.peft.method}: "
+                          "virtual tokens go before each row, and packed rows need their own position ids; "
+                          "use data.packing=false")
     _allowed(cfg, "data.overlong", ("drop", "truncate", "error"), files)
     _allowed(cfg, "data.train_on", ("completion", "all", "assistant", "last"), files)
     _allowed(cfg, "data.bad_rows", ("error", "skip"), files)
@@ -514,7 +567,9 @@ def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
 
     _check_logging(cfg, lambda key: _locate(key, files))
     for key in ("trainer.batch_size", "trainer.grad_accum", "trainer.lr", "data.max_length",
-                "peft.r", "peft.alpha", "trainer.log_every", "trainer.keep_checkpoints"):
+                "peft.r", "peft.alpha", "trainer.log_every", "trainer.keep_checkpoints", "peft.target_r",
+                "peft.block_size", "peft.n_butterfly_factor", "peft.num_virtual_tokens", "peft.encoder_hidden_size",
+                "peft.adapter_len", "peft.adapter_layers", "peft.loraplus_lr_ratio"):
         _positive(cfg, key, files)
     for key in ("trainer.eval_every", "trainer.save_every", "trainer.weight_decay", "trainer.max_grad_norm",
                 "peft.dropout"):
@@ -529,8 +584,16 @@ def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
     if not 0 <= cfg.peft.dropout < 1:
         raise ConfigError(f"peft.dropout={cfg.peft.dropout} must be in [0, 1)")
     tm = cfg.peft.target_modules
-    if not (tm == "all-linear" or OmegaConf.is_list(tm) and all(isinstance(x, str) for x in tm)):
-        raise ConfigError(f"peft.target_modules={tm!r} must be \"all-linear\" or a list of module names, e.g. [q_proj,v_proj]")
+    if isinstance(tm, str) and tm != "all-linear":
+        try:
+            re.compile(tm)
+        except re.error as e:
+            raise ConfigError(f"{_locate('target_modules', files)}peft.target_modules={tm!r} is not a valid regular "
+                              f"expression ({e})") from None
+    elif not (tm is None or tm == "all-linear" or OmegaConf.is_list(tm) and all(isinstance(x, str) for x in tm)):
+        raise ConfigError(f"{_locate('target_modules', files)}peft.target_modules={tm!r} must be \"all-linear\", a list "
+                          "of module names (e.g. [q_proj,v_proj]), a regular expression over module names, or null")
+    _positive(cfg, "peft.trainable_layers", files, strict=False)
     r = cfg.resume
     if not (isinstance(r, bool) or isinstance(r, str) and r):
         raise ConfigError(f"resume={r!r} must be true, false or a checkpoint path")

@@ -178,6 +178,7 @@ def perplexity(model, examples: list[dict], pad_id: int, batch_size: int) -> tup
         for i in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            logits = logits[:, -batch["input_ids"].shape[1]:]  # prompt-learning adapters prepend virtual positions
             labels = batch["labels"][:, 1:]
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
                                                     reduction="none")

@@ -107,9 +107,18 @@ def _validate(objective, model, examples, batch_size, device) -> dict | None:
             model.train()
 
 
+def _trained_modules_line(modules: list[dict], shown: int = 6) -> str:
+    """What trains, as name patterns (layer numbers as *), the largest first."""
+    modules = sorted(modules, key=lambda m: -m["params"])
+    parts = [f"{m['pattern']} ({m['params']:,})" for m in modules[:shown]]
+    more = f", and {len(modules) - shown} more (manifest.json: trainable_modules)" if len(modules) > shown else ""
+    return "trained: " + ", ".join(parts) + more
+
+
 def _save_final(model, tokenizer, out: Path, is_adapter: bool) -> Path:
     import shutil
 
+    from ..adapters import save_adapter
     from .checkpoint import assert_finite, trainable_state
 
     assert_finite(trainable_state(model), "the final weights")
@@ -119,7 +128,10 @@ def _save_final(model, tokenizer, out: Path, is_adapter: bool) -> Path:
     tmp = out / f".{name}.tmp-{os.getpid()}"
     for stale in out.glob(f".{name}.tmp-*"):  # left by a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    model.save_pretrained(tmp)
+    if is_adapter:
+        save_adapter(model, tmp)
+    else:
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -158,6 +170,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     from ..registry import ADAPTERS
     from . import checkpoint
     from . import setup as objectives_setup
+    from .optim import make_optimizer
 
     console = console or Console(soft_wrap=True)
     t_start = time.time()
@@ -204,27 +217,25 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     model = models.load_model(model_path, cfg.model, cfg.quant, device,
                               head="score" if cfg.objective == "reward" else "lm", pad_id=tokenizer.pad_token_id)
     base_bytes = model.get_memory_footprint()
+    n_rows = len(train_data.examples)
+    steps = total_steps(cfg.trainer, n_rows)
     if cfg.model.adapter:
         model = objectives_setup.continue_adapter(model, cfg.model.adapter, quantized, cfg.trainer.gradient_checkpointing)
     else:
         # a reward model's adapter also trains its new scalar head (peft's SEQ_CLS task saves "score")
         task = {"task_type": "SEQ_CLS"} if cfg.objective == "reward" else {}
         model = ADAPTERS.get(cfg.peft.method)(model, cfg.peft, quantized=quantized,
-                                              gradient_checkpointing=cfg.trainer.gradient_checkpointing, **task)
+                                              gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+                                              steps=steps, model_path=model_path, **task)
     is_adapter = adapters.is_adapter(model)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
+    params_report = adapters.parameter_report(model)
+    n_trainable, n_total = params_report["trainable_params"], params_report["total_params"]
     if n_trainable == 0:
         raise ConfigError(f"peft.method={cfg.peft.method} left no trainable parameters (check peft.target_modules)")
 
     # -- optimizer and schedule
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.trainer.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.trainer.lr)
-    n_rows = len(train_data.examples)
-    steps = total_steps(cfg.trainer, n_rows)
+    optimizer = make_optimizer(cfg.trainer, cfg.peft, model, params)
     warmup = cfg.trainer.warmup_steps if cfg.trainer.warmup_steps >= 0 else int(cfg.trainer.warmup_ratio * steps)
     scheduler = get_scheduler(cfg.trainer.scheduler if cfg.trainer.scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=warmup, num_training_steps=steps)
@@ -253,14 +264,17 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
         "data": {sd.name: pipeline.describe(sd) for sd in (train_data, val_data)}, "total_steps": steps,
         "objective": cfg.objective, "reference": getattr(objective, "reference_kind", None),
         "continued_from": str(objectives_setup.adapter_folder(cfg.model.adapter)) if cfg.model.adapter else None,
-        "trainable_params": n_trainable, "total_params": n_total, "base_memory_bytes": base_bytes, "adapter": is_adapter,
+        **params_report, "base_memory_bytes": base_bytes, "adapter": is_adapter,
+        "peft_method": cfg.peft.method, "optimizer": cfg.trainer.optimizer,
         "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_json(out / "manifest.json", manifest)
     metrics = Metrics(out / "metrics.jsonl", resume_step=start_step if resume else None)
     trackers = tracking.Trackers(cfg, out, accelerator, console, start_step=start_step)
     console.print(f"{n_rows} train rows, {val_data.kept} validation rows, {steps} steps, "
-                  f"{n_trainable:,} trainable of {n_total:,} parameters", highlight=False)
+                  f"{n_trainable:,} trainable of {n_total:,} parameters ({params_report['trainable_percent']:.4g}%)",
+                  highlight=False)
+    console.print(_trained_modules_line(params_report["trainable_modules"]), highlight=False, markup=False)
 
     # -- loop
     progress = TrainProgress(console, steps, start_step, cfg.trainer.log_every)
@@ -298,6 +312,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                     grads_ok = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
                 if math.isfinite(step_loss) and grads_ok:
                     optimizer.step()
+                    adapters.after_step(accelerator.unwrap_model(model), done)  # AdaLoRA's rank budget
                 elif tc.on_nan == "stop":
                     rows = [i for j in range(tc.grad_accum) for i in batch_indices(
                         n_rows, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j)]
