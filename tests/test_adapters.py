@@ -144,11 +144,12 @@ def test_lora_plus_gives_the_b_matrices_a_larger_learning_rate(tmp_path):
     assert len(a) == len(b) == 14 and b == pytest.approx([8e-3] * 14) and a == pytest.approx([1e-3] * 14)
 
 
-@pytest.mark.parametrize("quant,method", [("nf4", "lora"), ("fp4", "dora"), ("int8", "lora"), ("nf4", "loftq"),
-                                          ("nf4", "ia3")])
-def test_adapters_over_a_quantized_base(tmp_path, quant, method):
+@pytest.mark.parametrize("quant,method,extra", [("nf4", "lora", ["trainer.gradient_checkpointing=true"]),
+                                                ("fp4", "dora", []), ("int8", "lora", []), ("nf4", "loftq", []),
+                                                ("nf4", "ia3", ["quant.double_quant=false"])])
+def test_adapters_over_a_quantized_base(tmp_path, quant, method, extra):
     out = runner.train(*compose(*BASE, f"quant={quant}", f"peft={method}", "trainer.lr=2e-2", "trainer.max_steps=8",
-                                f"output_dir={tmp_path / 'run'}"))
+                                *extra, f"output_dir={tmp_path / 'run'}"))
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
     assert sum(losses[4:]) / 4 < sum(losses[:4]) / 4, losses
     man = json.loads((out / "manifest.json").read_text())
