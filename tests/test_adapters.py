@@ -267,3 +267,16 @@ def test_loftq_init_shrinks_each_layers_quantization_error():
             assert torch.linalg.norm(w - deq - ba) < 0.9 * torch.linalg.norm(w - deq), name
             n += 1
     assert n == 14
+
+
+def test_cli_methods_lists_every_method_with_its_config_file():
+    from ftctl.paths import config_dir
+
+    r = run_cli("methods")
+    assert r.returncode == 0, r.stderr
+    names = ADAPTERS.names()
+    assert len(names) == 22
+    for name in names:
+        assert (config_dir() / "peft" / f"{name}.yaml").is_file(), name
+        assert f"│ {name} " in r.stdout, name
+    assert "rsLoRA (Kalajdzievski, 2023)" in r.stdout

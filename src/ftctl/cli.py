@@ -27,6 +27,8 @@ commands:
         show rendered examples (trained tokens marked) and token statistics, without training
   recipes
         list the recipes with a one-line description each
+  methods
+        list the adaptation methods (peft=NAME) with a one-line description each
 
 config groups: model data template peft quant precision trainer distributed
 examples:
@@ -60,6 +62,21 @@ def cmd_recipes(args: list[str]) -> int:
     table.add_column("description")
     for name, desc, _ in list_recipes():
         table.add_row(name, desc)
+    _console().print(table)
+    return 0
+
+
+def cmd_methods(args: list[str]) -> int:
+    from rich.table import Table
+
+    from .adapters import describe
+    from .registry import ADAPTERS
+
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("peft=")
+    table.add_column("what it trains")
+    for name in ADAPTERS.names():
+        table.add_row(name, describe(name))
     _console().print(table)
     return 0
 
@@ -302,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(rest)
         if cmd == "recipes":
             return cmd_recipes(rest)
+        if cmd == "methods":
+            return cmd_methods(rest)
         if cmd == "data":
             return cmd_data(rest)
         if cmd == "merge":
@@ -312,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(rest, chat=cmd == "chat")
         if cmd == "report":
             return cmd_report(rest)
-        _err(f"unknown command '{cmd}' (commands: train, eval, report, merge, quantize, generate, chat, data, recipes; "
+        _err(f"unknown command '{cmd}' (commands: train, eval, report, merge, quantize, generate, chat, data, recipes, methods; "
              "see ftctl --help)")
         return 2
     except FtctlError as e:
