@@ -167,6 +167,9 @@ def test_reference_by_disabled_adapter_equals_the_base_model(tmp_path):
     la = [m["loss"] for m in read_metrics(a) if "loss" in m]
     lb = [m["loss"] for m in read_metrics(b) if "loss" in m]
     assert la == pytest.approx(lb, abs=1e-5)
+    # before the first update the policy is its reference: every pair a tie, also against the cached
+    # log-probabilities (which differ from the policy's by float noise)
+    assert [m["accuracy"] for m in read_metrics(b) if "loss" in m][0] == 0.5
     cfg, _ = compose(*TINY)
     tok = models.load_tokenizer(models.resolve("builtin:tiny_llama"))
     examples = pipeline.build(cfg, tok).validation.examples
@@ -235,3 +238,14 @@ def test_bad_preference_settings_are_one_line_errors(override, message):
 
     with pytest.raises(ConfigError, match=message):
         compose(*TINY, override)
+
+
+def test_pair_credit_counts_float_noise_as_a_tie():
+    from ftctl.evaluate.run import reward_accuracy
+    from ftctl.train.objectives import StepStats, pair_credit
+
+    assert [pair_credit(m) for m in (0.3, -0.3, 0.0, 3e-6, -3e-6)] == [1.0, 0.0, 0.5, 0.5, 0.5]
+    stats = StepStats()
+    stats.add(torch.zeros(3), torch.tensor([1.0, 0.2, 0.5 + 1e-7]), torch.tensor([0.0, 0.7, 0.5]))
+    assert stats.means()["accuracy"] == pytest.approx(0.5)
+    assert reward_accuracy(([1.0, 2.0], [1.0 - 1e-6, 3.0]))[1] == [0.5, 0.0]

@@ -222,7 +222,9 @@ def reward_accuracy(scores, ref_scores=None) -> tuple[float, list[float]]:
     if ref_scores is not None:
         c = [a - b for a, b in zip(c, ref_scores[0])]
         r = [a - b for a, b in zip(r, ref_scores[1])]
-    rows = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(c, r)]
+    from ..train.objectives import pair_credit
+
+    rows = [pair_credit(a - b) for a, b in zip(c, r)]
     return sum(rows) / max(len(rows), 1), rows
 
 

@@ -115,6 +115,16 @@ def pair_collate(examples: list[dict], pad_id: int) -> dict:
     return batch
 
 
+# reward margins closer than this count as a tie: a policy scored against precomputed reference
+# log-probabilities differs from them by float noise (other padding, other batch) before it has moved
+TIE = 1e-4
+
+
+def pair_credit(margin: float) -> float:
+    """1 when the chosen answer's reward is higher, 0.5 for a tie (within TIE), 0 otherwise."""
+    return 0.5 if abs(margin) <= TIE else float(margin > 0)
+
+
 @dataclass
 class StepStats:
     """Sums over the pairs of a step (or of a validation pass), turned into means for the log. Accuracy:
@@ -131,7 +141,7 @@ class StepStats:
         self.loss += float(losses.detach().sum())
         self.chosen += float(chosen.sum())
         self.rejected += float(rejected.sum())
-        self.correct += float((chosen > rejected).float().sum() + 0.5 * (chosen == rejected).float().sum())
+        self.correct += sum(pair_credit(m) for m in (chosen - rejected).detach().float().tolist())
 
     def means(self, prefix: str = "") -> dict:
         n = max(self.pairs, 1)
