@@ -39,7 +39,8 @@ def _target_modules(peft_cfg):
     return _list(peft_cfg.target_modules)
 
 
-def _prepare(model, quantized: bool, gradient_checkpointing: bool):
+def prepare(model, quantized: bool, gradient_checkpointing: bool):
+    """k-bit training preparation (norms in float32, input grads) or gradient checkpointing, before an adapter."""
     if quantized:
         from peft import prepare_model_for_kbit_training
 
@@ -59,7 +60,7 @@ def _first_line(e: BaseException) -> str:
 def _wrap(model, config, peft_cfg, quantized, gradient_checkpointing):
     from peft import get_peft_model
 
-    model = _prepare(model, quantized, gradient_checkpointing)
+    model = prepare(model, quantized, gradient_checkpointing)
     try:
         return get_peft_model(model, config)
     except (ValueError, TypeError, KeyError, RuntimeError, AttributeError) as e:
@@ -359,7 +360,7 @@ def bitfit(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps
     """BitFit (Ben Zaken et al., 2022): only the bias terms are trained; bias-free Llama-style layers get zero biases."""
     import torch
 
-    model = _prepare(model, quantized, gradient_checkpointing)
+    model = prepare(model, quantized, gradient_checkpointing)
     for p in model.parameters():
         p.requires_grad_(False)
     biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
@@ -396,7 +397,7 @@ def freeze(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps
                           "an adapter method over the quantized base")
     import torch
 
-    model = _prepare(model, False, gradient_checkpointing)
+    model = prepare(model, False, gradient_checkpointing)
     blocks = _blocks(model)
     n = peft_cfg.trainable_layers
     if not 0 <= n <= len(blocks):
@@ -423,7 +424,7 @@ def full(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=N
     """Full fine-tuning: every weight is trained."""
     if quantized:
         raise ConfigError("peft.method=full cannot train a quantized base; use quant=none, or an adapter method such as lora")
-    model = _prepare(model, False, gradient_checkpointing)
+    model = prepare(model, False, gradient_checkpointing)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -38,14 +38,12 @@ def adapter_folder(spec: str) -> Path:
 
 def continue_adapter(model, spec: str, quantized: bool, gradient_checkpointing: bool):
     """Load an earlier run's adapter onto the base, trainable, to go on training it."""
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel
+
+    from ..adapters import prepare
 
     folder = adapter_folder(spec)
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    model = prepare(model, quantized, gradient_checkpointing)
     try:
         return PeftModel.from_pretrained(model, folder, is_trainable=True)
     except (RuntimeError, ValueError, KeyError) as e:
