@@ -437,12 +437,13 @@ def _one_line(exc: BaseException, files: list[Path]) -> str:
 def _unparsable_override(overrides: list[str], exc: BaseException) -> str:
     """Which override Hydra's grammar could not read, and how to quote it."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
 
     parser = OverridesParser.create()
     for o in overrides:
         try:
             parser.parse_overrides([o])
-        except Exception as e:  # noqa: BLE001 - any parse failure names this override
+        except OverrideParseException as e:
             key, _, value = o.partition("=")
             why = str(e).strip().splitlines()[0]
             return (f"{o}: cannot read this override ({why}); quote a value holding brackets, parentheses, "
