@@ -9,8 +9,10 @@ USAGE = """\
 usage: ftctl [--debug] <command> [args]
 
 commands:
-  train [-m] [--cfg job] [recipe=NAME] [group=option ...] [key=value ...]
-        fine-tune; -m runs a sweep (e.g. peft.r=4,8,16); --cfg job prints the composed config
+  train [-m] [--cfg job] [--dry-run] [recipe=NAME] [group=option ...] [key=value ...]
+        fine-tune; -m runs a sweep (e.g. peft.r=4,8,16); --cfg job prints the composed config;
+        --dry-run prints the torchrun command of a multi-process run (launcher.*) without running it;
+        config_file=FILE [key=value ...] trains on a saved config (a run's config.yaml)
   eval METRIC [METRIC ...] run=DIR|model=DIR [compare=base] [shots=K] [split=S] [limit=N] [key=value ...]
         generate on held-out rows and score (exact_match rouge rougeL bleu accuracy f1 perplexity)
   merge run=DIR [output=DIR] [dtype=float32|bfloat16|float16] [overwrite=true]
@@ -100,7 +102,7 @@ def cmd_train(args: list[str], debug: bool) -> int:
 
     from .config import compose
 
-    multirun = False
+    multirun = dry_run = False
     print_cfg = None
     overrides = []
     it = iter(args)
@@ -111,6 +113,8 @@ def cmd_train(args: list[str], debug: bool) -> int:
             print_cfg = next(it, "job")
         elif a.startswith("--cfg="):
             print_cfg = a.split("=", 1)[1]
+        elif a == "--dry-run":
+            dry_run = True
         elif a in ("-h", "--help"):
             print(USAGE)
             return 0
@@ -136,10 +140,14 @@ def cmd_train(args: list[str], debug: bool) -> int:
 
         return run_sweep(overrides, debug=debug)
 
-    cfg, choices = compose("train", overrides)
+    from . import launch
+
+    cfg, choices = launch.load_config(overrides) if launch.config_file(overrides) else compose("train", overrides)
     if print_cfg == "job":
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
+    if dry_run or launch.needed(cfg):  # N processes: re-run under torchrun, each worker reading the saved config
+        return launch.launch(cfg, choices, _console(), debug=debug, dry_run=dry_run)
     from .train.runner import train
 
     train(cfg, choices, console=_console(), debug=debug)

@@ -178,7 +178,26 @@ class TrainerConfig:
 
 @dataclass
 class DistributedConfig:
+    # single (one process) | ddp (Accelerate's DistributedDataParallel) | fsdp (torch FSDP2) |
+    # zero1 | zero2 | zero3 | zero3_offload (DeepSpeed ZeRO; offload: parameters and optimizer in CPU memory)
     strategy: str = "single"
+    # zero*: your own DeepSpeed JSON; its batch, accumulation, clipping and precision keys must agree with
+    # ftctl's (or be "auto"); null: ftctl writes the DeepSpeed config from trainer.* and precision
+    deepspeed_config: Optional[str] = None
+    # torch.distributed backend: auto (nccl with CUDA GPUs, else gloo) | nccl | gloo
+    backend: str = "auto"
+
+
+@dataclass
+class LauncherConfig:
+    # processes on each machine (one per GPU; on CPU, each gets cores / nproc_per_node threads)
+    nproc_per_node: int = 1
+    # machines; each runs the same command with its own node_rank
+    nnodes: int = 1
+    node_rank: int = 0
+    # address and port of the machine with node_rank 0 (torchrun's static rendezvous)
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
 
 
 @dataclass
@@ -237,6 +256,7 @@ class TrainConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     eval: AfterTrainEval = field(default_factory=AfterTrainEval)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # sft (next-token loss on the template's targets) | dpo (preference pairs, see dpo.*) |
@@ -254,6 +274,9 @@ class TrainConfig:
 
 # trainer.optimizer: torch's AdamW and SGD (momentum 0.9), bitsandbytes' 8-bit and paged AdamW, transformers' Adafactor
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor")
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp8")
+STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
 
 GROUPS = ("model", "data", "template", "peft", "quant", "precision", "trainer", "distributed")
 
@@ -519,7 +542,7 @@ def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
     _allowed(cfg, "peft.method", registry.ADAPTERS.names(), files)
     _allowed(cfg, "quant.method", registry.QUANT.names(), files)
     _allowed(cfg, "template.name", registry.TEMPLATES.names(), files)
-    _allowed(cfg, "precision.name", ("auto", "fp32", "bf16", "fp16"), files)
+    _allowed(cfg, "precision.name", PRECISIONS, files)
     _allowed(cfg, "model.dtype", ("auto", "float32", "bfloat16", "float16"), files)
     _allowed(cfg, "quant.compute_dtype", ("auto", "float32", "bfloat16", "float16"), files)
     _allowed(cfg, "trainer.scheduler", ("cosine", "linear", "constant"), files)
@@ -563,7 +586,10 @@ def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
     if not 0 <= cfg.dpo.label_smoothing < 0.5:
         raise ConfigError(f"{_locate('label_smoothing', files)}dpo.label_smoothing={cfg.dpo.label_smoothing} "
                           "must be in [0, 0.5)")
-    _allowed(cfg, "distributed.strategy", ("single",), files)
+    _allowed(cfg, "distributed.strategy", STRATEGIES, files)
+    from .launch import check_config as _check_distributed
+
+    _check_distributed(cfg, lambda key: _locate(key, files))
     from .tracking import check_config as _check_logging
 
     _check_logging(cfg, lambda key: _locate(key, files))

@@ -10,7 +10,6 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,6 +22,16 @@ from ..runs import (Metrics, atomic_write_json, atomic_write_text, default_outpu
 from .objectives import StepStats
 
 log = logging.getLogger("ftctl")
+
+
+class _NoMetrics:
+    """metrics.jsonl of the processes other than the main one: nothing is written."""
+
+    def log(self, **row) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class StopFlag:
@@ -54,6 +63,17 @@ class StopFlag:
 def _resume_command(out: Path) -> str:
     args = [a for a in sys.argv[1:] if not a.startswith(("resume=", "output_dir=", "overwrite="))]
     return " ".join(["ftctl", *args, f"output_dir={out}", "resume=true"])
+
+
+def _stat_sums(stats) -> list[float]:
+    return [] if stats is None else [stats.pairs, stats.loss, stats.chosen, stats.rejected, stats.correct]
+
+
+def _stats_from(stats, sums: list[float]):
+    """A step's preference statistics summed over the processes."""
+    if stats is None:
+        return None
+    return StepStats(int(sums[0]), *sums[1:])
 
 
 def batch_indices(n_rows: int, batch_size: int, seed: int, shuffle: bool, micro: int) -> list[int]:
@@ -115,13 +135,14 @@ def _trained_modules_line(modules: list[dict], shown: int = 6) -> str:
     return "trained: " + ", ".join(parts) + more
 
 
-def _save_final(model, tokenizer, out: Path, is_adapter: bool) -> Path:
+def _save_final(model, tokenizer, out: Path, is_adapter: bool, state: dict | None = None) -> Path:
+    """The final adapter (or model), written once; ``state``: weights gathered from sharded processes."""
     import shutil
 
     from ..adapters import save_adapter
     from .checkpoint import assert_finite, trainable_state
 
-    assert_finite(trainable_state(model), "the final weights")
+    assert_finite(trainable_state(model) if state is None else state, "the final weights")
 
     name = "adapter" if is_adapter else "model"
     final = out / name
@@ -129,9 +150,9 @@ def _save_final(model, tokenizer, out: Path, is_adapter: bool) -> Path:
     for stale in out.glob(f".{name}.tmp-*"):  # left by a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
     if is_adapter:
-        save_adapter(model, tmp)
+        save_adapter(model, tmp, **({} if state is None else {"state_dict": state}))
     else:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if state is None else {"state_dict": state}))
     tokenizer.save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -159,7 +180,6 @@ def _after_train_eval(cfg, out: Path, manifest: dict, console) -> None:
 def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> Path:
     """Run one training job described by a composed config. Returns the run directory."""
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from rich.console import Console
     from transformers import get_scheduler
@@ -168,11 +188,12 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     from ..data import pipeline
     from ..progress import TrainProgress
     from ..registry import ADAPTERS
-    from . import checkpoint
+    from . import checkpoint, distributed
     from . import setup as objectives_setup
     from .optim import make_optimizer
 
-    console = console or Console(soft_wrap=True)
+    main = os.environ.get("RANK", "0") == "0"  # only the main process writes and prints
+    console = console if main and console is not None else Console(soft_wrap=True, quiet=not main)
     t_start = time.time()
     resume = _resume_arg(cfg.resume)
     if resume is True and not cfg.output_dir:
@@ -183,26 +204,31 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
 
-    mixed = {"auto": None, "fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision.name]
-    if mixed is None:
-        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(),
-                              log_with=tracking.log_with(cfg, out, resume=bool(resume)))
-    device = accelerator.device
+    mixed = distributed.mixed_precision(cfg)
+    engine = distributed.make_engine(cfg, mixed, tracking.log_with(cfg, out, resume=bool(resume)) if main else None)
+    accelerator, device, world = engine.accelerator, engine.device, engine.world
+    if mixed == "fp16" and device.type == "cpu":
+        console.print("[yellow]precision=fp16 on CPU: no loss scaling (that needs a CUDA GPU); bf16 is the safer "
+                      "choice[/]", highlight=False)
     set_seed(cfg.seed)
 
     # -- model and data: resolved before the run directory is touched, so bad input leaves nothing behind
-    model_path = models.resolve(cfg.model.path, cfg.model.revision)
-    tokenizer = models.load_tokenizer(model_path)
-    bundle = pipeline.build(cfg, tokenizer)
+    with engine.main_first():  # the main process fills the model and data caches; the others then read them
+        model_path = models.resolve(cfg.model.path, cfg.model.revision)
+        tokenizer = models.load_tokenizer(model_path)
+        bundle = pipeline.build(cfg, tokenizer)
     train_data, val_data = bundle.train, bundle.validation
     if cfg.objective != "sft" and not bundle.preference:
         raise ConfigError(f"objective={cfg.objective} needs preference pairs (template=preference or preference_chat, "
                           f"rows with chosen and rejected); {cfg.data.path} gave single examples")
-    prepare_output_dir(out, overwrite=cfg.overwrite, resume=bool(resume))
-    handler = _setup_logging(out, debug)
+    if main:
+        prepare_output_dir(out, overwrite=cfg.overwrite, resume=bool(resume))
+        handler = _setup_logging(out, debug)
+    else:
+        handler = logging.NullHandler()
+    where = f"device={device}" if world == 1 else f"distributed={cfg.distributed.strategy} x{world} ({device.type})"
     console.print(f"[bold]ftctl train[/] recipe={choices.get('recipe', '-')} model={cfg.model.name} "
-                  f"method={cfg.peft.method} quant={cfg.quant.method} device={device} → {out}", highlight=False)
+                  f"method={cfg.peft.method} quant={cfg.quant.method} {where} → {out}", highlight=False)
     for sd in (train_data, val_data):
         line = f"data ({sd.name}): {pipeline.describe(sd)}"
         log.info("%s (%s)", line, cfg.data.path)
@@ -232,6 +258,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     n_trainable, n_total = params_report["trainable_params"], params_report["total_params"]
     if n_trainable == 0:
         raise ConfigError(f"peft.method={cfg.peft.method} left no trainable parameters (check peft.target_modules)")
+    model = engine.wrap(model)  # FSDP shards the parameters before the optimizer sees them
 
     # -- optimizer and schedule
     params = [p for p in model.parameters() if p.requires_grad]
@@ -239,27 +266,30 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     warmup = cfg.trainer.warmup_steps if cfg.trainer.warmup_steps >= 0 else int(cfg.trainer.warmup_ratio * steps)
     scheduler = get_scheduler(cfg.trainer.scheduler if cfg.trainer.scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=warmup, num_training_steps=steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    objective = objectives_setup.make_objective(cfg, accelerator.unwrap_model(model), tokenizer.pad_token_id, bundle,
-                                                model_path, steps, console)
+    model, optimizer = engine.prepare(model, optimizer, scheduler)
+    with engine.main_first():  # DPO's precomputed reference is cached on disk
+        objective = objectives_setup.make_objective(cfg, engine.unwrap(model), tokenizer.pad_token_id, bundle,
+                                                    model_path, steps, console)
     start_step, tokens_seen, skipped = 0, 0, 0
     if resume and ckpt is None:
         console.print(f"resume=true: no complete checkpoint in {out / 'checkpoints'} yet; starting at step 0",
                       highlight=False)
     if ckpt is not None:
-        state = checkpoint.load(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
+        state = engine.load(ckpt, model, optimizer, scheduler)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
         skipped = state.get("skipped_steps", 0)
         console.print(f"resumed from {ckpt} at step {start_step}", highlight=False)
         log.info("resumed from %s at step %d", ckpt, start_step)
 
     # -- run directory
-    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if main:
+        atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     manifest = {
         "ftctl_version": __version__, "versions": library_versions(), "git_commit": git_commit(),
         "command": "train", "recipe": choices.get("recipe"), "choices": choices,
         "model_path": str(model_path), "data_path": cfg.data.path, "data_fingerprint": bundle.fingerprint,
         "seed": cfg.seed, "device": str(device), "mixed_precision": mixed,
+        "distributed": cfg.distributed.strategy, "world_size": world,
         "train_rows": len(train_data.examples), "val_rows": val_data.kept,
         "data": {sd.name: pipeline.describe(sd) for sd in (train_data, val_data)}, "total_steps": steps,
         "objective": cfg.objective, "reference": getattr(objective, "reference_kind", None),
@@ -268,8 +298,9 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
         "peft_method": cfg.peft.method, "optimizer": cfg.trainer.optimizer,
         "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic_write_json(out / "manifest.json", manifest)
-    metrics = Metrics(out / "metrics.jsonl", resume_step=start_step if resume else None)
+    if main:
+        atomic_write_json(out / "manifest.json", manifest)
+    metrics = Metrics(out / "metrics.jsonl", resume_step=start_step if resume else None) if main else _NoMetrics()
     trackers = tracking.Trackers(cfg, out, accelerator, console, start_step=start_step)
     console.print(f"{n_rows} train rows, {val_data.kept} validation rows, {steps} steps, "
                   f"{n_trainable:,} trainable of {n_total:,} parameters ({params_report['trainable_percent']:.4g}%)",
@@ -287,32 +318,46 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     try:
         with stop:
             for step in range(start_step, steps):
-                micro_examples = [[train_data.examples[i] for i in batch_indices(
-                    n_rows, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j)]
+                # this process's share of each micro-batch (all of it in one process; see distributed.Engine.shard)
+                shards = [engine.shard([train_data.examples[i] for i in batch_indices(
+                    n_rows, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j)])
                     for j in range(tc.grad_accum)]
+                micro_examples = [exs for exs, _ in shards]
+                real = [is_real for _, is_real in shards]
                 micro_batches = [objective.collate(exs) for exs in micro_examples]
-                real_tokens = [objective.tokens(exs) for exs in micro_examples]
+                real_tokens = [objective.tokens(exs) if r else 0 for exs, r in zip(micro_examples, real)]
                 # normalise by the targets (tokens, or pairs) of the whole step, so accumulation equals one big batch
-                n_items = objective.count(micro_batches)
+                # (and N processes equal one: the count is summed over them)
+                n_items = objective.count([b for b, r in zip(micro_batches, real) if r])
+                if world > 1:
+                    n_items = int(engine.all_sum([n_items])[0])
                 step_loss = 0.0
                 stats = StepStats() if cfg.objective != "sft" else None
                 for j, batch in enumerate(micro_batches):
                     batch = {k: v.to(device) for k, v in batch.items()}
                     sync = j == len(micro_batches) - 1
-                    with nullcontext() if sync else accelerator.no_sync(model):
-                        loss = objective.loss(model, batch, n_items, stats)
-                        accelerator.backward(loss)
-                    step_loss += float(loss.detach())
-                    window_tokens += real_tokens[j]
-                grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else None
+                    with engine.accumulating(model, sync):
+                        loss = objective.loss(model, batch, n_items, stats if real[j] else None)
+                        # gradients are averaged over the processes: times N, they add up to the step's loss
+                        engine.backward(model, loss if world == 1 else loss * (world if real[j] else 0), sync)
+                    step_loss += float(loss.detach()) if real[j] else 0.0
+                if world > 1:
+                    step_loss, *sums = engine.all_sum([step_loss, sum(real_tokens), stop.signum is not None,
+                                                       *_stat_sums(stats)])
+                    real_tokens, stats = [int(sums[0])], _stats_from(stats, sums[2:])
+                    if sums[1] and stop.signum is None:  # a signal to any process: all stop at this step
+                        stop.signum = signal.SIGTERM
+                window_tokens += sum(real_tokens)
+                grad_norm = engine.clip(model, params, tc.max_grad_norm)
                 done = step + 1
                 if grad_norm is not None:
                     grads_ok = math.isfinite(float(grad_norm))
                 else:
                     grads_ok = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
                 if math.isfinite(step_loss) and grads_ok:
-                    optimizer.step()
-                    adapters.after_step(accelerator.unwrap_model(model), done)  # AdaLoRA's rank budget
+                    measured = engine.optimizer_step(model, optimizer)
+                    grad_norm = grad_norm if measured is None else measured
+                    adapters.after_step(engine.unwrap(model), done)  # AdaLoRA's rank budget
                 elif tc.on_nan == "stop":
                     rows = [i for j in range(tc.grad_accum) for i in batch_indices(
                         n_rows, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j)]
@@ -322,8 +367,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                 else:
                     skipped += 1
                     log.warning("step %d: non-finite loss/gradient (loss %s); update skipped", done, step_loss)
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                engine.finish_step(model, optimizer, scheduler)
                 last_loss = step_loss
                 tokens_seen += sum(real_tokens)
                 if done % tc.log_every == 0 or done == steps or done == start_step + 1:
@@ -351,23 +395,29 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                         progress.print(f"step {done}: validation loss {val_loss:.4f}{extra}")
                         last_val = val
                 if (tc.save_every and done % tc.save_every == 0) or done == steps or stop.signum is not None:
-                    checkpoint.save(out / "checkpoints", done, accelerator.unwrap_model(model), optimizer, scheduler,
-                                    {"step": done, "tokens_seen": tokens_seen, "skipped_steps": skipped},
-                                    tc.keep_checkpoints)
+                    engine.save(out / "checkpoints", done, model, optimizer, scheduler,
+                                {"step": done, "tokens_seen": tokens_seen, "skipped_steps": skipped}, tc.keep_checkpoints)
                 if stop.signum is not None and done < steps:
                     raise Preempted(f"stopped by {signal.Signals(stop.signum).name} at step {done}/{steps} with a "
                                     f"checkpoint saved; resume with: {_resume_command(out)}")
-        final = _save_final(accelerator.unwrap_model(model), tokenizer, out, is_adapter)
+        gathered = engine.final_state(model, is_adapter)  # every process takes part; the main one saves
+        final = out / ("adapter" if is_adapter else "model")
+        if main:
+            final = _save_final(engine.unwrap(model), tokenizer, out, is_adapter, gathered)
+        engine.barrier()
     except BaseException as e:
         progress.close()
         status = {KeyboardInterrupt: "interrupted", Preempted: "preempted"}.get(type(e), "failed")
         manifest.update(status=status, error=f"{type(e).__name__}: {e}")
-        atomic_write_json(out / "manifest.json", manifest)
+        if main:
+            atomic_write_json(out / "manifest.json", manifest)
         metrics.close()
         trackers.finish(status=status)
         log.removeHandler(handler)
         raise
     progress.close()
+    if not main:
+        return out
     manifest.update(status="finished", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     final_train_loss=last_loss, final_val_loss=val_loss, final_val=last_val, output=final.name,
                     wall_time_s=round(time.time() - t_start, 1))

@@ -1,0 +1,176 @@
+"""One process, or N: ftctl re-launches itself under torchrun when a run needs more than one process.
+
+``ftctl train distributed=ddp launcher.nproc_per_node=2 ...`` composes and validates the config here,
+saves it (resolved) in the run directory as ``launch/config.yaml``, and runs
+
+    python -m torch.distributed.run --nproc_per_node=2 --nnodes=1 --node_rank=0 \\
+        --master_addr=127.0.0.1 --master_port=29500 -m ftctl.cli train config_file=<run>/launch/config.yaml
+
+Every worker reads that file instead of composing again, so all processes train on exactly the same
+config. ``--dry-run`` prints the command and exits. On several machines, the same ``ftctl train``
+command runs on each with its own ``launcher.node_rank``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import ConfigError, FtctlError
+
+# strategies that always run under torchrun (they need a process group, even of one process)
+SHARDED = ("fsdp", "zero1", "zero2", "zero3", "zero3_offload")
+DEEPSPEED = ("zero1", "zero2", "zero3", "zero3_offload")
+
+
+def world_size(cfg) -> int:
+    return int(cfg.launcher.nproc_per_node) * int(cfg.launcher.nnodes)
+
+
+def is_worker() -> bool:
+    """Started by torchrun (or accelerate launch): this process is one of the workers."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def needed(cfg) -> bool:
+    return not is_worker() and (world_size(cfg) > 1 or cfg.distributed.strategy in SHARDED)
+
+
+def check_config(cfg, where=lambda key: "") -> None:
+    """The launcher and distributed keys, checked at composition (no hardware is looked at here)."""
+    la, dist, tc = cfg.launcher, cfg.distributed, cfg.trainer
+    for key in ("nproc_per_node", "nnodes"):
+        if la[key] < 1:
+            raise ConfigError(f"{where(key)}launcher.{key}={la[key]} must be >= 1")
+    if not 0 <= la.node_rank < la.nnodes:
+        raise ConfigError(f"{where('node_rank')}launcher.node_rank={la.node_rank} must be in [0, launcher.nnodes="
+                          f"{la.nnodes})")
+    if not 0 < la.master_port < 65536:
+        raise ConfigError(f"{where('master_port')}launcher.master_port={la.master_port} must be in 1..65535")
+    if dist.backend not in ("auto", "nccl", "gloo"):
+        raise ConfigError(f"{where('backend')}distributed.backend={dist.backend!r} is not allowed; choose one of: "
+                          "auto, nccl, gloo")
+    world = world_size(cfg)
+    if world > 1 and dist.strategy == "single":
+        raise ConfigError(f"launcher: {world} processes need a multi-process strategy; choose distributed=ddp, fsdp, "
+                          "zero1, zero2, zero3 or zero3_offload")
+    if world > 1 and tc.batch_size % world:
+        raise ConfigError(f"{where('batch_size')}trainer.batch_size={tc.batch_size} must be divisible by the "
+                          f"{world} processes (it is the global micro-batch, split evenly across them)")
+    if la.nnodes > 1 and not cfg.output_dir:
+        raise ConfigError("launcher.nnodes > 1: set output_dir= to a folder every machine sees (the run directory "
+                          "must be the same on all of them)")
+    if dist.deepspeed_config and dist.strategy not in DEEPSPEED:
+        raise ConfigError(f"distributed.deepspeed_config needs a DeepSpeed strategy (distributed=zero1, zero2, zero3 "
+                          f"or zero3_offload), not distributed={dist.strategy}")
+    if dist.deepspeed_config and not Path(dist.deepspeed_config).expanduser().is_file():
+        raise ConfigError(f"distributed.deepspeed_config={dist.deepspeed_config}: no such file")
+    if dist.strategy in SHARDED and tc.on_nan == "skip":
+        raise ConfigError(f"trainer.on_nan=skip is not supported with distributed={dist.strategy} (the sharded "
+                          "optimizer steps inside the engine); use trainer.on_nan=stop")
+    if dist.strategy in SHARDED and cfg.precision.name == "fp8":
+        raise ConfigError(f"precision=fp8 works with distributed=single or ddp (Accelerate's FP8 recipe), not "
+                          f"distributed={dist.strategy}")
+    if dist.strategy in SHARDED and cfg.quant.method != "none":
+        raise ConfigError(f"quant={cfg.quant.method} (a quantized base) works with distributed=single or ddp, not "
+                          f"distributed={dist.strategy}")
+
+
+# ----------------------------------------------------------------------------- the command
+def command(cfg, config_file: Path, debug: bool = False) -> list[str]:
+    """torchrun (as ``python -m torch.distributed.run``, so it is this interpreter's) re-running ftctl."""
+    la = cfg.launcher
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={la.nproc_per_node}",
+            f"--nnodes={la.nnodes}", f"--node_rank={la.node_rank}", f"--master_addr={la.master_addr}",
+            f"--master_port={la.master_port}", "-m", "ftctl.cli", *(["--debug"] if debug else []), "train",
+            f"config_file={config_file}"]
+
+
+def worker_env(cfg) -> dict:
+    """The workers' environment: CPU threads shared out between the processes of a machine, and
+    DeepSpeed's CPU accelerator where there is no CUDA."""
+    env = dict(os.environ)
+    n = int(cfg.launcher.nproc_per_node)
+    env.setdefault("OMP_NUM_THREADS", str(cfg.trainer.num_threads or max(1, (os.cpu_count() or 1) // n)))
+    if cfg.distributed.strategy in DEEPSPEED and not _cuda():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    src = str(Path(__file__).resolve().parents[1])  # the workers import this same ftctl
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [src, env.get("PYTHONPATH", "")] if p)
+    return env
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def launch(cfg, choices: dict, console, debug: bool = False, dry_run: bool = False) -> int:
+    """Save the composed config in the run directory and run the workers under torchrun; with
+    ``dry_run`` only print what would run."""
+    from omegaconf import OmegaConf, open_dict
+
+    from .runs import atomic_write_json, atomic_write_text, default_output_dir, prepare_output_dir
+    from .train.runner import _resume_arg
+
+    if not needed(cfg):
+        console.print("one process: `ftctl train` runs in this process (no launcher); set launcher.nproc_per_node "
+                      "or launcher.nnodes, with a distributed= strategy, for more", highlight=False)
+        return 0
+    out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(choices.get("recipe"))
+    prepare_output_dir(out, overwrite=cfg.overwrite, resume=bool(_resume_arg(cfg.resume)), dry_run=True)
+    with open_dict(cfg):
+        cfg.output_dir = str(out)  # every worker (and every machine) writes the same run directory
+    config_file = out / "launch" / "config.yaml"
+    cmd = command(cfg, config_file, debug)
+    if dry_run:
+        print(shlex.join(cmd))
+        return 0
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(config_file, OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_json(config_file.parent / "choices.json", choices)
+    atomic_write_text(config_file.parent / "command.txt", shlex.join(cmd) + "\n")
+    la = cfg.launcher
+    console.print(f"ftctl: {la.nproc_per_node} process(es) on this machine, {world_size(cfg)} in all "
+                  f"(distributed={cfg.distributed.strategy}): {shlex.join(cmd)}", highlight=False, markup=False)
+    rc = subprocess.run(cmd, env=worker_env(cfg)).returncode
+    if rc:
+        raise FtctlError(f"a training process failed (torchrun exit status {rc}); its error is above, and torchrun "
+                         "names the failing rank", hint=f"run directory: {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- the workers' side
+def config_file(overrides: list[str]) -> str | None:
+    return next((o.split("=", 1)[1] for o in overrides if o.startswith("config_file=")), None)
+
+
+def load_config(overrides: list[str]):
+    """``config_file=<run>/launch/config.yaml`` (or any run's config.yaml) with key=value overrides on top:
+    the config and group choices the run was composed with, validated again."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import GROUPS, TrainConfig, _check_override_keys, validate
+
+    path = Path(config_file(overrides)).expanduser()
+    rest = [o for o in overrides if not o.startswith("config_file=")]
+    if not path.is_file():
+        raise ConfigError(f"config_file={path}: no such file")
+    bad = [o for o in rest if "=" not in o or o.split("=", 1)[0] in ("recipe",) + GROUPS]
+    if bad:
+        raise ConfigError(f"{bad[0]}: with config_file= only key=value overrides apply (e.g. trainer.max_steps=10), "
+                          "not group or recipe choices")
+    _check_override_keys(rest)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path), OmegaConf.from_dotlist(rest))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        raise ConfigError(f"config_file={path}: {key + ': ' if key else ''}{str(e).splitlines()[0]}") from e
+    validate(cfg, [path])
+    choices_file = path.parent / "choices.json"
+    choices = json.loads(choices_file.read_text()) if choices_file.is_file() else {}
+    return cfg, choices
