@@ -444,13 +444,14 @@ def after_step(model, step: int) -> None:
         inner.update_and_allocate(step)
 
 
-def save_adapter(model, folder) -> None:
-    """Save a peft model's adapter; PiSSA/OLoRA adapters are converted to plain LoRA against the original base."""
+def save_adapter(model, folder, **kwargs) -> None:
+    """Save a peft model's adapter; PiSSA/OLoRA adapters are converted to plain LoRA against the original base.
+    ``kwargs`` go to peft's save_pretrained (state_dict=: weights gathered from sharded processes)."""
     init = getattr(model, "_ftctl_initial_adapter", None)
     if init:
-        model.save_pretrained(folder, path_initial_model_for_weight_conversion=init)
+        model.save_pretrained(folder, path_initial_model_for_weight_conversion=init, **kwargs)
     else:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, **kwargs)
 
 
 def _n(p) -> int:

@@ -363,6 +363,13 @@ class DeepSpeedEngine(ShardedEngine):
         import deepspeed
 
         self.ds_config = deepspeed_config(self.cfg, self.world, self.mixed)
+        # ZeRO drops empty parameter groups (ftctl's no-decay group is empty for LoRA): drop them here too,
+        # with their entries in the (LambdaLR) schedule, so that the two keep the same groups
+        keep = [i for i, g in enumerate(optimizer.param_groups) if g["params"]]
+        optimizer.param_groups = [optimizer.param_groups[i] for i in keep]
+        for attr in ("base_lrs", "lr_lambdas", "_last_lr"):
+            if isinstance(getattr(scheduler, attr, None), list):
+                setattr(scheduler, attr, [getattr(scheduler, attr)[i] for i in keep])
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                           config=self.ds_config, dist_init_required=False)
         self.optimizer = ds_optimizer
@@ -420,10 +427,9 @@ ENGINES = {"single": Engine, "ddp": Engine, "fsdp": FSDPEngine, "zero1": DeepSpe
 
 
 def make_engine(cfg, mixed: str, log_with) -> Engine:
-    if cfg.distributed.strategy in ZERO_STAGE and "DS_ACCELERATOR" not in os.environ:
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            os.environ["DS_ACCELERATOR"] = "cpu"
+    if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator (libraries import deepspeed when it is installed)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return ENGINES[cfg.distributed.strategy](cfg, mixed, log_with)
 
