@@ -184,8 +184,6 @@ class DistributedConfig:
     # zero*: your own DeepSpeed JSON; its batch, accumulation, clipping and precision keys must agree with
     # ftctl's (or be "auto"); null: ftctl writes the DeepSpeed config from trainer.* and precision
     deepspeed_config: Optional[str] = None
-    # torch.distributed backend: auto (nccl with CUDA GPUs, else gloo) | nccl | gloo
-    backend: str = "auto"
 
 
 @dataclass

@@ -50,9 +50,6 @@ def check_config(cfg, where=lambda key: "") -> None:
                           f"{la.nnodes})")
     if not 0 < la.master_port < 65536:
         raise ConfigError(f"{where('master_port')}launcher.master_port={la.master_port} must be in 1..65535")
-    if dist.backend not in ("auto", "nccl", "gloo"):
-        raise ConfigError(f"{where('backend')}distributed.backend={dist.backend!r} is not allowed; choose one of: "
-                          "auto, nccl, gloo")
     world = world_size(cfg)
     if world > 1 and dist.strategy == "single":
         raise ConfigError(f"launcher: {world} processes need a multi-process strategy; choose distributed=ddp, fsdp, "
@@ -74,6 +71,9 @@ def check_config(cfg, where=lambda key: "") -> None:
     if dist.strategy in SHARDED and cfg.precision.name == "fp8":
         raise ConfigError(f"precision=fp8 works with distributed=single or ddp (Accelerate's FP8 recipe), not "
                           f"distributed={dist.strategy}")
+    if dist.strategy in SHARDED and cfg.objective != "sft":
+        raise ConfigError(f"objective={cfg.objective} works with distributed=single or ddp, not "
+                          f"distributed={dist.strategy} (its reference model is not sharded)")
     if dist.strategy in SHARDED and cfg.quant.method != "none":
         raise ConfigError(f"quant={cfg.quant.method} (a quantized base) works with distributed=single or ddp, not "
                           f"distributed={dist.strategy}")
