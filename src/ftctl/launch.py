@@ -124,7 +124,9 @@ def launch(cfg, choices: dict, console, debug: bool = False, dry_run: bool = Fal
     prepare_output_dir(out, overwrite=cfg.overwrite, resume=bool(_resume_arg(cfg.resume)), dry_run=True)
     with open_dict(cfg):
         cfg.output_dir = str(out)  # every worker (and every machine) writes the same run directory
-    config_file = out / "launch" / "config.yaml"
+    # one file per machine (they differ in launcher.node_rank only), in the run directory they share
+    node = "" if cfg.launcher.node_rank == 0 else f"-node{cfg.launcher.node_rank}"
+    config_file = out / "launch" / f"config{node}.yaml"
     cmd = command(cfg, config_file, debug)
     if dry_run:
         print(shlex.join(cmd))
@@ -132,15 +134,43 @@ def launch(cfg, choices: dict, console, debug: bool = False, dry_run: bool = Fal
     config_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_file, OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_json(config_file.parent / "choices.json", choices)
-    atomic_write_text(config_file.parent / "command.txt", shlex.join(cmd) + "\n")
+    atomic_write_text(config_file.parent / f"command{node}.txt", shlex.join(cmd) + "\n")
     la = cfg.launcher
     console.print(f"ftctl: {la.nproc_per_node} process(es) on this machine, {world_size(cfg)} in all "
                   f"(distributed={cfg.distributed.strategy}): {shlex.join(cmd)}", highlight=False, markup=False)
-    rc = subprocess.run(cmd, env=worker_env(cfg)).returncode
+    rc = _run(cmd, worker_env(cfg))
     if rc:
+        from .errors import Preempted
+        from .runs import read_manifest
+
+        manifest = read_manifest(out) or {}
+        if manifest.get("status") == "preempted":  # the workers saved a checkpoint; say how to go on
+            raise Preempted(manifest.get("error", "").removeprefix("Preempted: "))
         raise FtctlError(f"a training process failed (torchrun exit status {rc}); its error is above, and torchrun "
                          "names the failing rank", hint=f"run directory: {out}")
     return 0
+
+
+def _run(cmd: list[str], env: dict) -> int:
+    """Run torchrun in its own session and hand it SIGINT/SIGTERM as one SIGTERM each, which it passes to
+    the workers: they save a checkpoint at the end of the step and stop (a terminal's Ctrl-C would
+    otherwise reach torchrun and every worker at once, and torchrun's own SIGTERM on top of it would
+    stop the workers without a checkpoint)."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, frame):
+        print(f"\nftctl: got {signal.Signals(signum).name}; the workers save a checkpoint at the end of this step",
+              file=sys.stderr, flush=True)
+        proc.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 # ----------------------------------------------------------------------------- the workers' side

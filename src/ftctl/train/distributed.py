@@ -412,14 +412,22 @@ class DeepSpeedEngine(ShardedEngine):
         return self._load_common(ckpt)
 
     def final_state(self, model, is_adapter):
+        """The trained weights in full precision (DeepSpeed's fp32 master copy, as a one-process run keeps
+        them under mixed precision); frozen ones, for a full model, gathered as they are."""
         import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
 
         module = model.module
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad or not is_adapter]
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            sd = {n: p.detach().cpu().clone() for n, p in named} if self.is_main else None
+        sd = {}
+        for n, p in module.named_parameters():
+            full = safe_get_full_fp32_param(p) if p.requires_grad else None  # collective under ZeRO-3
+            if full is None and (p.requires_grad or not is_adapter):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    full = p.detach().clone()
+            if full is not None:
+                sd[n] = full.cpu()
         self.barrier()
-        return sd
+        return sd if self.is_main else None
 
 
 ENGINES = {"single": Engine, "ddp": Engine, "fsdp": FSDPEngine, "zero1": DeepSpeedEngine, "zero2": DeepSpeedEngine,
