@@ -83,6 +83,8 @@ def test_command_and_worker_environment():
     assert launch.needed(cfg)
     single, _ = compose(*TINY)
     assert not launch.needed(single)
+    with pytest.raises(ConfigError, match="runs under torchrun"):  # in-process (a sweep's trial) it cannot run
+        train(cfg, {})
 
 
 @pytest.mark.parametrize("overrides, words", [

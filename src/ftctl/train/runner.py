@@ -192,6 +192,11 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     from . import setup as objectives_setup
     from .optim import make_optimizer
 
+    from .. import launch
+
+    if launch.needed(cfg):
+        raise ConfigError(f"distributed={cfg.distributed.strategy} with {launch.world_size(cfg)} process(es) runs under "
+                          "torchrun: start it with `ftctl train` (not in a sweep or from Python's train())")
     main = os.environ.get("RANK", "0") == "0"  # only the main process writes and prints
     console = console if main and console is not None else Console(soft_wrap=True, quiet=not main)
     t_start = time.time()
