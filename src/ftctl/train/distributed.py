@@ -351,7 +351,9 @@ class FSDPEngine(ShardedEngine):
 
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                   ignore_frozen_params=is_adapter))
-        return sd if self.is_main else None
+        # tied weights once (named_parameters lists a shared tensor under its first name), as save_pretrained does
+        names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        return {k: v for k, v in sd.items() if k in names} if self.is_main else None
 
 
 class DeepSpeedEngine(ShardedEngine):
