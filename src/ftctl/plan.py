@@ -82,12 +82,16 @@ def model_config(cfg):
     path = str(cfg.model.path)
     if path.startswith("builtin:") or Path(path).expanduser().is_dir():
         return AutoConfig.from_pretrained(models.resolve(path, cfg.model.revision)), "config.json"
+    try:  # the local hub cache first, then ftctl's copy of a known config, then the hub
+        return AutoConfig.from_pretrained(path, revision=cfg.model.revision, local_files_only=True), "config.json"
+    except Exception:
+        pass
+    if path in KNOWN_CONFIGS:
+        c = dict(KNOWN_CONFIGS[path])
+        return AutoConfig.for_model(c.pop("model_type"), **c), "ftctl's copy of its config.json"
     try:
         return AutoConfig.from_pretrained(path, revision=cfg.model.revision), "config.json"
     except Exception as e:
-        if path in KNOWN_CONFIGS:
-            c = dict(KNOWN_CONFIGS[path])
-            return AutoConfig.for_model(c.pop("model_type"), **c), "ftctl's copy of its config.json (hub not reached)"
         raise ConfigError(f"model.path={path}: no config.json to plan from ({str(e).splitlines()[0][:120]}); "
                           "pass model.path=<a local model folder>") from e
 
@@ -111,19 +115,25 @@ def meta_model(cfg, mconf, quantized: bool):
         fn = ADAPTERS.get(applied)
         model = fn(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=max(1, cfg.trainer.max_steps),
                    model_path=None)
-    if quantized:  # peft's k-bit preparation: the weights bitsandbytes leaves alone go to float32
-        for name, p in model.named_parameters():
-            if p.dtype in (torch.float16, torch.bfloat16) and not _is_quantized_linear(model, name):
-                p.data = torch.empty_like(p, dtype=torch.float32, device="meta")
     return model, applied
+
+
+def kbit_upcast(model) -> None:
+    """What peft's prepare_model_for_kbit_training does to a quantized model: every weight bitsandbytes left
+    in 16 bits (embeddings, head, norms) goes to float32."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.dtype in (torch.float16, torch.bfloat16) and not _is_quantized_linear(model, name):
+            p.data = torch.empty_like(p, dtype=torch.float32, device="meta")
 
 
 def _load_dtype(cfg, mconf):
     import torch
 
-    from .models import torch_dtype
-
-    return torch_dtype(cfg.model.dtype, _device_type(cfg))
+    if cfg.model.dtype == "auto":  # as models.torch_dtype decides on the machine that trains
+        return torch.bfloat16 if _device_type(cfg) == "cuda" else torch.float32
+    return getattr(torch, cfg.model.dtype)
 
 
 _DEVICE = {"type": None}
@@ -283,6 +293,9 @@ def estimate(cfg, pcfg: PlanConfig) -> dict:
     mconf, source = model_config(cfg)
     quant = str(cfg.quant.method)
     model, applied = meta_model(cfg, mconf, quantized=quant != "none")
+    loaded = weight_bytes(model, quant, bool(cfg.quant.double_quant))  # as bitsandbytes loads it
+    if quant != "none":
+        kbit_upcast(model)
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     n_total = sum(p.numel() for p in params)
@@ -315,6 +328,7 @@ def estimate(cfg, pcfg: PlanConfig) -> dict:
     return {"model": str(cfg.model.path), "config_source": source, "method": cfg.peft.method, "quant": quant,
             "optimizer": str(cfg.trainer.optimizer), "strategy": strategy, "devices": n, "device": device_type,
             "total_params": n_total, "trainable_params": n_train, "weights_quantized_bytes": wb["quantized"],
+            "weights_loaded_bytes": loaded["total"],
             "weights_other_bytes": wb["other"], "parts": dev, "peak_bytes": int(peak),
             "seq_len": seq, "micro_batch": micro, "tokens_per_micro_batch": tokens,
             "gradient_checkpointing": bool(cfg.trainer.gradient_checkpointing), "act_dtype_bytes": mixed,
@@ -402,7 +416,9 @@ def _print(est: dict, console) -> None:
     p = est["parts"]
     wq, wo = est["weights_quantized_bytes"], est["weights_other_bytes"]
     notes = {
-        "weights": f"{_gib(wq)} quantized linears + {_gib(wo)} other" if wq else "every parameter at its dtype",
+        "weights": (f"{_gib(wq)} quantized linears + {_gib(wo)} other (as loaded: {_gib(est['weights_loaded_bytes'])}; "
+                    "peft's k-bit preparation casts the other weights to float32)") if wq
+        else "every parameter at its dtype",
         "gradients": "trainable parameters", "optimizer": est["optimizer"],
         "activations": f"micro-batch {est['micro_batch']} x {est['seq_len']} tokens"
                        + (", gradient checkpointing" if est["gradient_checkpointing"] else ""),
