@@ -25,6 +25,13 @@ commands:
         talk to the model in the terminal, answers streamed (lines piped in are user turns)
   report run=DIR [output=FILE] [examples=5]
         plots/ and one self-contained report.html for a run directory or a sweep folder
+  sweep report DIR [metric=NAME]
+        the table of a sweep's trials (best marked), DIR/report.md, report.csv and plots/sweep_*.png
+  runs [DIR ...] [status=S] | runs compare RUN RUN [...]
+        list the runs under a folder (default outputs/ and multirun/), or their config differences and metrics
+  plan [recipe=NAME] [key=value ...] [devices=N] [strategy=S] [tokens_per_s=X] | plan run=DIR
+        estimate memory (weights, gradients, optimizer, activations) and compute without loading weights;
+        run=DIR puts the run's measured peak memory and throughput beside the estimate
   data preview [recipe=NAME] [n=3] [split=train|validation|test] [key=value ...]
         show rendered examples (trained tokens marked) and token statistics, without training
   recipes
@@ -37,6 +44,7 @@ examples:
   ftctl train recipe=qlora_llama
   ftctl train recipe=lora_smollm2 trainer.max_steps=50 output_dir=outputs/try
   ftctl train -m recipe=lora_smollm2 peft.r=4,8,16,32
+  ftctl train -m recipe=lora_smollm2 hydra/sweeper=optuna hydra.sweeper.n_trials=6 'trainer.lr=interval(1e-4,1e-3)' 'peft.r=choice(4,8,16)'
   ftctl eval exact_match rougeL run=outputs/try compare=base
 options:
   --debug   show Python tracebacks (also FTCTL_DEBUG=1)
@@ -90,7 +98,13 @@ def _first_of_sweeps(overrides: list[str]) -> list[str]:
     out = []
     for o, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
         if parsed.is_sweep_override():
-            first = next(iter(parsed.sweep_string_iterator()))
+            from hydra.core.override_parser.types import IntervalSweep
+
+            value = parsed.value()
+            if isinstance(value, IntervalSweep):  # Optuna's interval(a, b): any value in it composes the same
+                first = str(int(value.start) if value.is_int else value.start)
+            else:
+                first = next(iter(parsed.sweep_string_iterator()))
             out.append(f"{parsed.get_key_element()}={first}")
         else:
             out.append(o)
@@ -254,6 +268,49 @@ def cmd_report(args: list[str]) -> int:
     return 0
 
 
+def cmd_plan(args: list[str]) -> int:
+    from .plan import PlanConfig, plan
+
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    own, rest = _own_keys(PlanConfig, args)
+    plan(_options(PlanConfig, own, "plan"), rest, _console())
+    return 0
+
+
+def cmd_sweep(args: list[str]) -> int:
+    from .sweep import SweepReportConfig, sweep_report
+
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    if args[0] != "report":
+        _err(f"sweep: unknown subcommand '{args[0]}' (available: report)")
+        return 2
+    rest = [a if "=" in a else f"dir={a}" for a in args[1:]]
+    opts = _options(SweepReportConfig, rest, "sweep report")
+    if not opts.dir:
+        from .errors import ConfigError
+
+        raise ConfigError("sweep report needs the sweep folder: ftctl sweep report multirun/<recipe>/<time>")
+    sweep_report(opts.dir, opts.metric, console=_console())
+    return 0
+
+
+def cmd_runs(args: list[str]) -> int:
+    from .runlist import compare_runs, list_runs
+
+    if args and args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if args and args[0] == "compare":
+        compare_runs(args[1:], _console())
+        return 0
+    list_runs(args, _console())
+    return 0
+
+
 def cmd_data(args: list[str]) -> int:
     from .config import compose
     from .data.preview import show
@@ -339,7 +396,13 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(rest, chat=cmd == "chat")
         if cmd == "report":
             return cmd_report(rest)
-        _err(f"unknown command '{cmd}' (commands: train, eval, report, merge, quantize, generate, chat, data, recipes, methods; "
+        if cmd == "plan":
+            return cmd_plan(rest)
+        if cmd == "sweep":
+            return cmd_sweep(rest)
+        if cmd == "runs":
+            return cmd_runs(rest)
+        _err(f"unknown command '{cmd}' (commands: train, eval, report, sweep, runs, plan, merge, quantize, generate, chat, data, recipes, methods; "
              "see ftctl --help)")
         return 2
     except FtctlError as e:

@@ -174,6 +174,9 @@ class TrainerConfig:
     # a NaN/Inf loss or gradient: stop (default; the update is not applied, the last good checkpoint
     # stays) | skip (drop that step's update and go on; skipped steps are counted in metrics.jsonl)
     on_nan: str = "stop"
+    # CPU memory: release (default) hands large freed tensors back to the OS at once (glibc's mmap threshold
+    # fixed at 1 MiB), so peak RSS follows the live tensors instead of the allocator's cached heap | default
+    cpu_allocator: str = "release"
 
 
 @dataclass
@@ -245,6 +248,14 @@ class LoggingConfig:
 
 
 @dataclass
+class SweepConfig:
+    # what a sweep optimises and marks as best: val_loss | train_loss | tokens_per_s | peak_memory | wall_time
+    # | a validation figure (val_accuracy, ...) | an eval.after_train metric (rougeL, exact_match, ...)
+    metric: str = "val_loss"
+    direction: str = "auto"  # auto (min for losses, perplexity, memory and time; max otherwise) | min | max
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -257,6 +268,7 @@ class TrainConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     eval: AfterTrainEval = field(default_factory=AfterTrainEval)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     # sft (next-token loss on the template's targets) | dpo (preference pairs, see dpo.*) |
     # reward (a Bradley-Terry reward model with a scalar head, on preference pairs)
     objective: str = "sft"
@@ -578,6 +590,8 @@ def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
     if cfg.template.chat_template:
         jinja.check(cfg.template.chat_template, f"{_locate('chat_template', files)}template.chat_template")
     _allowed(cfg, "trainer.on_nan", ("stop", "skip"), files)
+    _allowed(cfg, "trainer.cpu_allocator", ("release", "default"), files)
+    _allowed(cfg, "sweep.direction", ("auto", "min", "max"), files)
     _allowed(cfg, "objective", ("sft", "dpo", "reward"), files)
     _allowed(cfg, "dpo.loss", ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"), files)
     _positive(cfg, "dpo.beta", files)

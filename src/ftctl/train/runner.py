@@ -184,15 +184,13 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     from rich.console import Console
     from transformers import get_scheduler
 
-    from .. import adapters, models, report, tracking
+    from .. import adapters, launch, memory, models, report, tracking
     from ..data import pipeline
     from ..progress import TrainProgress
     from ..registry import ADAPTERS
     from . import checkpoint, distributed
     from . import setup as objectives_setup
     from .optim import make_optimizer
-
-    from .. import launch
 
     if launch.needed(cfg):
         raise ConfigError(f"distributed={cfg.distributed.strategy} with {launch.world_size(cfg)} process(es) runs under "
@@ -208,6 +206,8 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     ckpt = checkpoint.find_resume(out, resume) if resume else None  # before any slow work
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
+    if cfg.trainer.cpu_allocator == "release" and not torch.cuda.is_available():
+        memory.release_freed_memory()
 
     mixed = distributed.mixed_precision(cfg)
     engine = distributed.make_engine(cfg, mixed, tracking.log_with(cfg, out, resume=bool(resume)) if main else None)
@@ -320,6 +320,13 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     last_val: dict = {}
     window_t, window_tokens = time.time(), 0
     stop = StopFlag()
+    reset_ok = memory.reset_peak(device)  # the loop's peak memory, not the model load's
+    t_loop, tokens_at_start = time.time(), tokens_seen
+
+    def measured() -> dict:
+        loop_s = time.time() - t_loop
+        return {**memory.peak(device, reset_ok), "train_time_s": round(loop_s, 2),
+                "train_tokens_per_s": round((tokens_seen - tokens_at_start) / max(loop_s, 1e-9), 2)}
     try:
         with stop:
             for step in range(start_step, steps):
@@ -413,7 +420,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     except BaseException as e:
         progress.close()
         status = {KeyboardInterrupt: "interrupted", Preempted: "preempted"}.get(type(e), "failed")
-        manifest.update(status=status, error=f"{type(e).__name__}: {e}")
+        manifest.update(status=status, error=f"{type(e).__name__}: {e}", **measured())
         if main:
             atomic_write_json(out / "manifest.json", manifest)
         metrics.close()
@@ -424,7 +431,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     if not main:
         return out
     manifest.update(status="finished", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    final_train_loss=last_loss, final_val_loss=val_loss, final_val=last_val, output=final.name,
+                    **measured(), final_train_loss=last_loss, final_val_loss=val_loss, final_val=last_val, output=final.name,
                     wall_time_s=round(time.time() - t_start, 1))
     atomic_write_json(out / "manifest.json", manifest)
     metrics.close()
