@@ -124,6 +124,15 @@ def launch(cfg, choices: dict, console, debug: bool = False, dry_run: bool = Fal
     prepare_output_dir(out, overwrite=cfg.overwrite, resume=bool(_resume_arg(cfg.resume)), dry_run=True)
     with open_dict(cfg):
         cfg.output_dir = str(out)  # every worker (and every machine) writes the same run directory
+    if cfg.distributed.strategy in DEEPSPEED:  # a user's DeepSpeed JSON that disagrees stops here, not in N workers
+        from importlib.util import find_spec
+
+        from .train.distributed import deepspeed_config, mixed_precision
+
+        if find_spec("deepspeed") is None:
+            raise ConfigError(f"distributed={cfg.distributed.strategy} needs DeepSpeed: pip install deepspeed "
+                              "(or pip install -e '.[distributed]')")
+        deepspeed_config(cfg, world_size(cfg), mixed_precision(cfg))
     # one file per machine (they differ in launcher.node_rank only), in the run directory they share
     node = "" if cfg.launcher.node_rank == 0 else f"-node{cfg.launcher.node_rank}"
     config_file = out / "launch" / f"config{node}.yaml"

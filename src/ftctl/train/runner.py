@@ -367,8 +367,8 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                 else:
                     grads_ok = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
                 if math.isfinite(step_loss) and grads_ok:
-                    measured = engine.optimizer_step(model, optimizer)
-                    grad_norm = grad_norm if measured is None else measured
+                    engine_norm = engine.optimizer_step(model, optimizer)  # DeepSpeed measures it in its step
+                    grad_norm = grad_norm if engine_norm is None else engine_norm
                     adapters.after_step(engine.unwrap(model), done)  # AdaLoRA's rank budget
                 elif tc.on_nan == "stop":
                     rows = [i for j in range(tc.grad_accum) for i in batch_indices(
