@@ -102,7 +102,7 @@ def _first_of_sweeps(overrides: list[str]) -> list[str]:
 
             value = parsed.value()
             if isinstance(value, IntervalSweep):  # Optuna's interval(a, b): any value in it composes the same
-                first = str(int(value.start) if value.is_int else value.start)
+                first = str(value.start)
             else:
                 first = next(iter(parsed.sweep_string_iterator()))
             out.append(f"{parsed.get_key_element()}={first}")

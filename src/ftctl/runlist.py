@@ -93,7 +93,9 @@ def list_runs(args: list[str], console) -> list[Path]:
                   f"{last if last is not None else '-'}/{total if total is not None else '-'}",
                   _fmt("", m.get("final_train_loss")), _fmt("", m.get("final_val_loss")), _scores(m),
                   str(m.get("started") or "-"))
-    console.print(t)
+    from .progress import table_console
+
+    table_console(console, 12).print(t)
     if not runs:
         where = ", ".join(str(r) for r in roots) or " and ".join(DEFAULT_ROOTS) + " (here)"
         console.print(f"no run directories (with manifest.json) under {where}", highlight=False)
@@ -142,6 +144,9 @@ def compare_runs(args: list[str], console) -> dict:
         t.add_column(n)
     for k in differ:
         t.add_row(k, *[_fmt("", flats[r].get(k)) for r in runs])
+    from .progress import table_console
+
+    console = table_console(console, 3 + 2 * len(runs))
     console.print(t)
     mans = [_manifest(r) for r in runs]
     t2 = Table(show_header=True, header_style="bold", title="figures")

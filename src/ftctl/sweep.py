@@ -240,6 +240,8 @@ def _table(rows: list[dict], swept: list[str], metric: str) -> tuple[list[str], 
 def _fmt(v) -> str:
     if v is None:
         return "-"
+    if isinstance(v, str) and len(v) > 8 and _as_number(v) is not None:  # Optuna's 0.0054943435116692795
+        return f"{float(v):.4g}"
     if isinstance(v, float):
         if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
             return f"{v:.3e}"
@@ -378,16 +380,13 @@ def sweep_report(folder, metric: str | None = None, console=None) -> list[dict]:
             t.add_column(h, justify="left" if i < len(swept) + 2 else "right")
         for r, row in zip(rows, table):
             t.add_row(*[_fmt(v) for v in row], style="bold green" if r["best"] else None)
-        wide = console
-        if not console.is_terminal:  # a log file or a pipe: the whole table, not 80 columns of ellipses
-            from rich.console import Console
+        from .progress import table_console
 
-            wide = Console(file=console.file, width=max(console.width, 40 + 13 * len(head)), soft_wrap=True)
-        wide.print(t)
+        table_console(console, len(head)).print(t)
         best = next((r for r in rows if r["best"]), None)
         if best is not None:
-            console.print(f"best by {metric}: trial {best['trial']} ({' '.join(best['overrides'])}) = {best['value']:.6g}",
-                          highlight=False)
+            values = " ".join(f"{k}={_fmt(v)}" for k, v in best["swept"].items()) or " ".join(best["overrides"])
+            console.print(f"best by {metric}: trial {best['trial']} ({values}) = {best['value']:.6g}", highlight=False)
         console.print(f"wrote {folder / 'report.md'}, {folder / 'report.csv'}, {folder / 'plots' / 'sweep_metric.png'}, "
                       f"{folder / 'plots' / 'sweep_loss.png'}", highlight=False)
     return rows
