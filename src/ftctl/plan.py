@@ -20,8 +20,8 @@ part of a training step:
                   Llama blocks of three shapes (tests/test_plan.py checks it on a tiny model).
     logits        the LM head's output, its float32 log-softmax and its gradient: tokens x vocab x
                   (dtype + 8) bytes at the peak of the backward pass
-    runtime       CPU: the resident memory of a Python process with torch, transformers, peft and
-                  accelerate imported, measured in this process; CUDA: not counted in max_allocated
+    runtime       CPU: the resident memory of a Python process with torch, transformers, peft,
+                  accelerate and datasets imported, measured in this process; CUDA: not counted in max_allocated
 
 Per device, for N devices: DDP replicates all of it; ZeRO-1 shards optimizer states, ZeRO-2 also the
 gradients, ZeRO-3 and FSDP also the weights (one layer gathered at a time); ZeRO-3 offload keeps weights,
@@ -247,8 +247,10 @@ def activation_bytes(cfg, mconf, model, method: str, tokens: int, seq_len: int, 
 
 
 def runtime_bytes() -> int:
-    """Resident memory of this process once torch, transformers, peft and accelerate are imported."""
+    """Resident memory of this process once what a training run imports is imported (torch, transformers,
+    peft, accelerate, datasets with pyarrow)."""
     import accelerate  # noqa: F401
+    import datasets  # noqa: F401
     import peft  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
