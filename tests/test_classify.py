@@ -281,3 +281,30 @@ def test_minilm_features_on_sms_spam(tmp_path):
     m = _manifest(train(cfg, choices))
     assert m["test_accuracy"] > 93 and m["test_f1_spam"] > 75, (m["test_accuracy"], m["test_f1_spam"])
     assert m["trainable_params"] == 384 + 1  # one weight per feature and the bias (two classes)
+
+
+@pytest.mark.slow
+def test_strategy_sweep_and_its_table(tmp_path):
+    """A Hydra multirun over classify.strategy, then benchmarks/classify_table.py over the sweep folder."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    data = _csv(tmp_path / "sms.csv")
+    r = run_cli("train", "-m", "recipe=sms_spam_classify", "model=tiny_bert", f"data.path={data}",
+                "data.max_length=32", "trainer.max_steps=3", "classify.strategy=features,head", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    sweep = next((tmp_path / "multirun" / "sms_spam_classify").iterdir())
+    runs = {json.loads(f.read_text())["strategy"]: json.loads(f.read_text()) for f in sweep.glob("*/manifest.json")}
+    assert set(runs) == {"features", "head"}
+    t = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "classify_table.py"), str(sweep), "--positive", "spam",
+                        "--csv", str(tmp_path / "t.csv")], capture_output=True, text=True)
+    assert t.returncode == 0, t.stderr
+    lines = t.stdout.strip().splitlines()
+    assert lines[0].startswith("| strategy |") and "test F1 spam" in lines[0] and len(lines) == 4
+    assert lines[2].startswith("| features |") and lines[3].startswith("| head |")
+    for line, m in zip(lines[2:], (runs["features"], runs["head"])):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[6] == f"{m['test_accuracy']:.2f}%" and cells[7] == f"{m['test_f1_spam']:.2f}"
+    assert len((tmp_path / "t.csv").read_text().splitlines()) == 3
