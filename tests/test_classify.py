@@ -243,6 +243,8 @@ def test_decoder_classifier_scores_the_last_token(tmp_path):
     ("classify.pooling=max", "classify.pooling='max' is not allowed"),
     ("objective=dpo", "objective=dpo does not apply to task=classify"),
     ("classify.labels=[spam]", "classify.labels=['spam'] must be empty or at least two"),
+    ("quant=nf4", "quant=nf4 is not available with task=classify"),
+    ("model.adapter=outputs/x", "model.adapter (continuing an adapter) does not apply to task=classify"),
 ])
 def test_classify_config_errors(override, expect):
     with pytest.raises(ConfigError) as e:

@@ -526,6 +526,11 @@ def _check_task(cfg: DictConfig, files) -> None:
                               "classification cross-entropy); leave objective unset")
         if cfg.model.kind == "seq2seq":
             raise ConfigError("task=classify works with model.kind=encoder or causal, not seq2seq")
+        if cfg.model.adapter:
+            raise ConfigError("model.adapter (continuing an adapter) does not apply to task=classify; start from "
+                              "the base model (or model.path=<a merged model>)")
+        if cfg.quant.method != "none":
+            raise ConfigError(f"quant={cfg.quant.method} is not available with task=classify; use quant=none")
         if len(set(cfg.classify.labels)) != len(cfg.classify.labels) or len(cfg.classify.labels) == 1:
             raise ConfigError(f"classify.labels={list(cfg.classify.labels)} must be empty or at least two "
                               "distinct names")

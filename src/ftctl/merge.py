@@ -43,6 +43,9 @@ def merge(mcfg: MergeConfig, console) -> Path:
     manifest, cfg = load_finished_run(run)
     if (run / "model").is_dir() and not (run / "adapter").is_dir():
         raise ConfigError(f"run={run} is a full fine-tune: {run / 'model'} is already a standalone model folder")
+    if (run / "classifier").is_dir():
+        raise ConfigError(f"run={run} is a feature-based classifier (classify.strategy=features): its logistic "
+                          "regression in classifier/ sits on the unchanged base; there is nothing to merge")
     adapter = run / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise RunDirError(f"run={run}: no adapter/adapter_config.json (did the run finish?)")
