@@ -285,7 +285,8 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
         "objective": cfg.objective, "reference": getattr(objective, "reference_kind", None),
         "continued_from": str(objectives_setup.adapter_folder(cfg.model.adapter)) if cfg.model.adapter else None,
         **params_report, "base_memory_bytes": base_bytes, "adapter": is_adapter,
-        "peft_method": cfg.peft.method, "optimizer": cfg.trainer.optimizer,
+        "peft_method": cfg.peft.method if not classify_task or cfg.classify.strategy == "lora" else None,
+        "optimizer": cfg.trainer.optimizer,
         **({"task": "classify", "strategy": cfg.classify.strategy} if classify_task else {}),
         "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
