@@ -476,7 +476,7 @@ def run_eval(ecfg, cfg, manifest: dict, run: Path | None, console) -> dict:
     n = min(len(split), ecfg.limit or len(split))
     if n == 0:
         raise ConfigError(f"no {ecfg.split} rows to evaluate")
-    examples, texts = split[:n], (sd.prompts if ecfg.split != "train" else [None] * n)[:n]
+    examples, texts = split[:n], sd.prompts[:n]  # prompts: the texts of the kept rows, before any balancing
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
     with console.status(f"classifying {n} {ecfg.split} rows"):
