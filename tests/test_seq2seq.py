@@ -57,7 +57,6 @@ def test_loss_is_t5s_own_cross_entropy(t5_path):
     assert ours == pytest.approx(theirs, rel=1e-5)
 
 
-@pytest.mark.slow
 def test_train_eval_merge(tmp_path, t5_path):
     from peft import PeftModel
     from rich.console import Console
