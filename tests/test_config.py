@@ -64,7 +64,8 @@ def test_unknown_key_suggests_the_right_one():
 def test_bad_group_option_lists_available():
     with pytest.raises(ConfigError) as e:
         compose("model=tiny_lama")
-    assert str(e.value).endswith("available: llama3_1_8b, smollm2_135m, tiny_llama")
+    assert str(e.value).endswith("available: flan_t5_base, llama3_1_8b, minilm_l6, smollm2_135m, tiny_bert, tiny_llama, "
+                                 "tiny_t5")
 
 
 def test_cli_config_error_is_one_line_exit_2():

@@ -13,17 +13,20 @@ SHARED = {"dialogsum_flan": "dialogsum/dialogsum.test.jsonl", "hh_rlhf_chat": "h
           "hh_rlhf_pairs": "hh_rlhf/harmless_base.jsonl.gz",
           "hh_rlhf_dpo": "hh_rlhf/harmless_base.jsonl.gz", "gsm8k_alpaca": "alpaca_format/gsm8k_alpaca.json",
           "sms_spam": "sms_spam/sms_spam.csv"}
+# recipes with their own preview tests below: a classifier (text and label, no trained tokens) and a
+# hub model that cannot be fetched here (previewed with the tiny T5's tokenizer instead)
+OWN = {"sms_spam_classify": "sms_spam/sms_spam.csv", "dialogsum_flan_t5": "dialogsum/dialogsum.test.jsonl"}
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _preview(recipe, terminal=False, n=2):
+def _preview(recipe, terminal=False, n=2, extra=()):
     from rich.console import Console
 
     from ftctl.data.preview import show
 
-    overrides = [f"recipe={recipe}"]
-    if SHARED.get(recipe):
-        path = SHARED_DATA / SHARED[recipe]
+    overrides = [f"recipe={recipe}", *extra]
+    if SHARED.get(recipe) or OWN.get(recipe):
+        path = SHARED_DATA / (SHARED.get(recipe) or OWN[recipe])
         if not path.is_file():
             pytest.skip(f"{path} is absent (the shared datasets live beside the repository, in ../shared/data)")
         overrides.append(f"data.path={path}")
@@ -36,7 +39,22 @@ def _preview(recipe, terminal=False, n=2):
 
 def test_every_shipped_recipe_is_covered():
     shipped = {name for name, _, f in list_recipes() if f.parent.name == "recipes"}
-    assert shipped == set(SHARED) | {"qlora_llama", "lora_smollm2", "full_smollm2"}
+    assert shipped == set(SHARED) | set(OWN) | {"qlora_llama", "lora_smollm2", "full_smollm2"}
+
+
+def test_preview_classify_recipe():
+    _, out = _preview("sms_spam_classify", n=2, extra=["data.balance=oversample"])
+    assert out.count("── example ") == 2 and ("label ham" in out or "label spam" in out)
+    assert "train: 3201 of 3201 rows kept" in out and "test: 915 of 915 rows kept" in out
+    assert "oversample: rows per class" in out
+
+
+def test_preview_seq2seq_shows_source_then_target():
+    cfg, out = _preview("dialogsum_flan_t5", n=1, extra=["model=tiny_t5"])
+    assert cfg.model.kind == "seq2seq" and out.count("── example 1 source + target") == 1
+    example = out.split("── example 1")[1]
+    assert example.count("⟦") == 1 and example.split("⟦")[1].split("⟧")[0].strip()  # the summary, trained
+    assert "Person1" in example.split("⟦")[0]  # the dialogue: the source, not trained
 
 
 @pytest.mark.parametrize("recipe", sorted(set(SHARED) | {"lora_smollm2", "qlora_llama", "full_smollm2"}))

@@ -14,7 +14,8 @@ commands:
         --dry-run prints the torchrun command of a multi-process run (launcher.*) without running it;
         config_file=FILE [key=value ...] trains on a saved config (a run's config.yaml)
   eval METRIC [METRIC ...] run=DIR|model=DIR [compare=base] [shots=K] [split=S] [limit=N] [key=value ...]
-        generate on held-out rows and score (exact_match rouge rougeL bleu accuracy f1 perplexity)
+        generate on held-out rows and score (exact_match rouge rougeL bleu accuracy f1 precision recall
+        perplexity); a classifier (task=classify): accuracy f1 precision recall and the confusion matrix
   merge run=DIR [output=DIR] [dtype=float32|bfloat16|float16] [overwrite=true]
         fold a LoRA-family adapter into the base weights; checks logits, writes a standalone model folder
   quantize model=DIR method=nf4|int8|int8_weight_only|int4_weight_only|bitdelta [base=DIR] [output=DIR]

@@ -36,6 +36,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     # continue training an adapter: <run>/adapter (or a run folder) from an earlier `ftctl train`
     adapter: Optional[str] = None
+    # causal (decoder LM) | seq2seq (encoder-decoder such as T5: the prompt is the source, the answer the
+    # target) | encoder (BERT-style; only with task=classify)
+    kind: str = "causal"
 
 
 @dataclass
@@ -83,6 +86,9 @@ class DataConfig:
     shuffle: bool = True
     # reuse tokenized data from the cache (keyed by data, template and tokenizer)
     cache: bool = True
+    # task=classify, imbalanced labels: none | oversample (repeat minority rows) | undersample (drop
+    # majority rows) | class_weights (loss weights n / (classes x count), scikit-learn's "balanced")
+    balance: str = "none"
 
 
 @dataclass
@@ -219,6 +225,25 @@ class DPOConfig:
 
 
 @dataclass
+class ClassifyConfig:
+    # task=classify: features (frozen model, pooled embeddings into a logistic regression) | head (only
+    # the new classification head) | last_block (the last classify.blocks blocks and the head) | lora
+    # (LoRA with the peft.* keys, the head trained whole) | full (every weight)
+    strategy: str = "head"
+    blocks: int = 1  # last_block: how many of the last blocks train
+    # the label names, in order (class ids 0..n-1); empty: the distinct labels of the data, sorted
+    labels: List[str] = field(default_factory=list)
+    # row fields (after data.columns): the text classified and its label
+    text_field: str = "text"
+    label_field: str = "label"
+    # features: how token states become one vector: auto (mean for model.kind=encoder, last token for a
+    # decoder) | mean | cls | last
+    pooling: str = "auto"
+    # features: the logistic regression's inverse regularisation strength (scikit-learn's C)
+    C: float = 1.0
+
+
+@dataclass
 class AfterTrainEval:
     # metrics to score at the end of training (e.g. [rouge]); stored in eval/ and manifest.json
     after_train: List[str] = field(default_factory=list)
@@ -272,6 +297,10 @@ class TrainConfig:
     # sft (next-token loss on the template's targets) | dpo (preference pairs, see dpo.*) |
     # reward (a Bradley-Terry reward model with a scalar head, on preference pairs)
     objective: str = "sft"
+    # generate (the model writes the answer: SFT, DPO, reward models) | classify (a classification head,
+    # see classify.*)
+    task: str = "generate"
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     description: str = ""
     # null: outputs/<recipe>/<timestamp>
@@ -513,6 +542,49 @@ def compose(command: str, overrides: list[str]) -> tuple[DictConfig, dict]:
 
 
 # ----------------------------------------------------------------------------- validate
+def _check_task(cfg: DictConfig, files) -> None:
+    """task=classify and model.kind: the combinations that exist."""
+    from . import registry
+
+    _allowed(cfg, "task", ("generate", "classify"), files)
+    _allowed(cfg, "model.kind", ("causal", "seq2seq", "encoder"), files)
+    _allowed(cfg, "data.balance", ("none", "oversample", "undersample", "class_weights"), files)
+    _allowed(cfg, "classify.pooling", ("auto", "mean", "cls", "last"), files)
+    if (cfg.task == "classify" or cfg.model.kind == "seq2seq") and cfg.distributed.strategy != "single":
+        what = "task=classify" if cfg.task == "classify" else "model.kind=seq2seq"
+        raise ConfigError(f"distributed={cfg.distributed.strategy} is not available with {what} yet (one process "
+                          "only); use distributed=single")
+    if cfg.task == "classify":
+        _allowed(cfg, "classify.strategy", registry.CLASSIFY.names(), files)
+        _positive(cfg, "classify.blocks", files)
+        _positive(cfg, "classify.C", files)
+        if cfg.objective != "sft":
+            raise ConfigError(f"objective={cfg.objective} does not apply to task=classify (its loss is the "
+                              "classification cross-entropy); leave objective unset")
+        if cfg.model.kind == "seq2seq":
+            raise ConfigError("task=classify works with model.kind=encoder or causal, not seq2seq")
+        if cfg.model.adapter:
+            raise ConfigError("model.adapter (continuing an adapter) does not apply to task=classify; start from "
+                              "the base model (or model.path=<a merged model>)")
+        if cfg.quant.method != "none":
+            raise ConfigError(f"quant={cfg.quant.method} is not available with task=classify; use quant=none")
+        if len(set(cfg.classify.labels)) != len(cfg.classify.labels) or len(cfg.classify.labels) == 1:
+            raise ConfigError(f"classify.labels={list(cfg.classify.labels)} must be empty or at least two "
+                              "distinct names")
+        return
+    if cfg.data.balance != "none":
+        raise ConfigError(f"{_locate('balance', files)}data.balance={cfg.data.balance} applies to task=classify "
+                          "(a classification head); use data.balance=none")
+    if cfg.model.kind == "encoder":
+        raise ConfigError("model.kind=encoder (a BERT-style model) cannot generate text; use it with task=classify")
+    if cfg.model.kind == "seq2seq":
+        if cfg.objective != "sft":
+            raise ConfigError(f"objective={cfg.objective} is not available for model.kind=seq2seq (SFT only)")
+        if cfg.data.packing:
+            raise ConfigError("data.packing=true does not apply to model.kind=seq2seq (source and target are "
+                              "separate sequences); use data.packing=false")
+
+
 def _allowed(cfg: DictConfig, key: str, allowed, files) -> None:
     value = OmegaConf.select(cfg, key)
     if value not in allowed:
@@ -602,6 +674,7 @@ def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
     from .launch import check_config as _check_distributed
 
     _check_distributed(cfg, lambda key: _locate(key, files))
+    _check_task(cfg, files)
     from .tracking import check_config as _check_logging
 
     _check_logging(cfg, lambda key: _locate(key, files))

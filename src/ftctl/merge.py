@@ -43,6 +43,9 @@ def merge(mcfg: MergeConfig, console) -> Path:
     manifest, cfg = load_finished_run(run)
     if (run / "model").is_dir() and not (run / "adapter").is_dir():
         raise ConfigError(f"run={run} is a full fine-tune: {run / 'model'} is already a standalone model folder")
+    if (run / "classifier").is_dir():
+        raise ConfigError(f"run={run} is a feature-based classifier (classify.strategy=features): its logistic "
+                          "regression in classifier/ sits on the unchanged base; there is nothing to merge")
     adapter = run / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise RunDirError(f"run={run}: no adapter/adapter_config.json (did the run finish?)")
@@ -59,20 +62,25 @@ def merge(mcfg: MergeConfig, console) -> Path:
     dtype = getattr(torch, mcfg.dtype)
     t0 = time.time()
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
+    classify = cfg.get("task", "generate") == "classify"
+    auto_cls, head_kwargs = models.auto_class(cfg.model.get("kind", "causal"), "classify" if classify else "lm",
+                                              tokenizer.pad_token_id, manifest.get("classify", {}).get("labels"))
     # the base in full precision, never quantized: a QLoRA adapter folds into the real weights
     with console.status(f"loading {base_path} in {mcfg.dtype} with the adapter"):
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, use_safetensors=True,
-                                                    trust_remote_code=bool(cfg.model.get("trust_remote_code", False)))
+        base = auto_cls.from_pretrained(base_path, dtype=dtype, use_safetensors=True,
+                                        trust_remote_code=bool(cfg.model.get("trust_remote_code", False)), **head_kwargs)
         model = PeftModel.from_pretrained(base, adapter).eval()
     inputs = _sample_inputs(cfg, tokenizer, mcfg.check_rows)
+    if base.config.is_encoder_decoder:  # the same text through the decoder exercises its weights too
+        inputs["decoder_input_ids"] = inputs["input_ids"]
     with torch.no_grad():
         before = model(**inputs).logits.float()
         merged = model.merge_and_unload().eval()
         after = merged(**inputs).logits.float()
     mask = inputs["attention_mask"].bool()
-    diff = float((before - after).abs()[mask].max())
+    # per position for a language model; one row of class logits per prompt for a classifier
+    diff = float((before - after).abs()[mask].max() if before.dim() == 3 else (before - after).abs().max())
     tol = TOLERANCE[mcfg.dtype]
     console.print(f"max |logit difference| merged vs base + adapter on {mask.shape[0]} prompts "
                   f"({int(mask.sum())} positions): {diff:.3g} (tolerance for {mcfg.dtype}: {tol})", highlight=False)
@@ -94,7 +102,7 @@ def merge(mcfg: MergeConfig, console) -> Path:
         os.rename(tmp, out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     console.print(f"[green]merged[/] in {time.time() - t0:.0f}s: {out} ({size / 2**20:.0f} MiB); "
-                  f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r})", highlight=False)
+                  f"load it with {auto_cls.__name__}.from_pretrained({str(out)!r})", highlight=False)
     return out
 
 
@@ -103,8 +111,13 @@ def _sample_inputs(cfg, tokenizer, n: int):
     from .data import pipeline
 
     try:
-        split = pipeline.build(cfg, tokenizer).validation
-        texts = [p + r for p, r in zip(split.prompts[:n], split.references[:n])]
+        if cfg.get("task", "generate") == "classify":
+            from .classify import build_data
+
+            texts = build_data(cfg, tokenizer).validation.prompts[:n]
+        else:
+            split = pipeline.build(cfg, tokenizer).validation
+            texts = [p + r for p, r in zip(split.prompts[:n], split.references[:n])]
     except FtctlError:  # the run's data may be gone; any text exercises every merged weight
         texts = []
     if not texts:

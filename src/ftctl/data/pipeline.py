@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from ..errors import DataError
 from ..registry import TEMPLATES
 from .templates import Context, Pair
-from .tokenize import IGNORE_INDEX, encode, n_trained, pack, packed_row
+from .tokenize import IGNORE_INDEX, encode, encode_seq2seq, n_trained, pack, packed_row
 
 log = logging.getLogger("ftctl")
 
@@ -133,7 +133,7 @@ def _empty() -> dict:
             "rejected_labels": [], "prompt": "", "reference": "", "references": [], "length": 0, "truncated": False}
 
 
-def _process(row: dict, tpl, ctx: Context, tokenizer, data_cfg) -> dict:
+def _process(row: dict, tpl, ctx: Context, tokenizer, data_cfg, seq2seq: bool = False) -> dict:
     """One row -> a record of the cached table. Bad rows are marked, not raised: the policy comes later."""
     out = _empty()
     columns = dict(data_cfg.columns or {})
@@ -143,13 +143,17 @@ def _process(row: dict, tpl, ctx: Context, tokenizer, data_cfg) -> dict:
     except DataError as e:
         out.update(status="bad", error=_name_mapped(e.message, columns))
         return out
-    return _encode(rendered, row, out, tokenizer, data_cfg)
+    return _encode(rendered, row, out, tokenizer, data_cfg, seq2seq)
 
 
-def _encode(rendered, row: dict, out: dict, tokenizer, data_cfg) -> dict:
+def _encode(rendered, row: dict, out: dict, tokenizer, data_cfg, seq2seq: bool = False) -> dict:
     pair = isinstance(rendered, Pair)
     chosen = rendered.chosen if pair else rendered
-    seqs = [encode(tokenizer, chosen, data_cfg.train_on)]
+    if seq2seq and (pair or not chosen.plain):
+        out.update(status="bad", error="model.kind=seq2seq takes prompt/answer templates (alpaca, flan, completion), "
+                                       "not preference pairs or chat templates")
+        return out
+    seqs = [encode_seq2seq(tokenizer, chosen) if seq2seq else encode(tokenizer, chosen, data_cfg.train_on)]
     if pair:
         seqs.append(encode(tokenizer, rendered.rejected, data_cfg.train_on))
     refs = [row[f] for f in (data_cfg.get("references") or []) if isinstance(row.get(f), str) and row[f].strip()]
@@ -162,7 +166,7 @@ def _encode(rendered, row: dict, out: dict, tokenizer, data_cfg) -> dict:
         seqs = [(ids[:data_cfg.max_length], labels[:data_cfg.max_length]) for ids, labels in seqs]
         out["truncated"] = True
     for ids, labels in seqs:
-        if n_trained(labels) == 0:
+        if (sum(x != IGNORE_INDEX for x in labels) if seq2seq else n_trained(labels)) == 0:
             why = (f"data.max_length={data_cfg.max_length} cut every trained token (data.overlong=truncate)"
                    if out["truncated"] else f"every label is masked (nothing to train on with data.train_on="
                                             f"{data_cfg.train_on})")
@@ -180,7 +184,8 @@ def _where(spec: str) -> str:
 
 
 def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_cfg, tokenizer, seed: int,
-                    limit: int | None = None, tok_fp: str | None = None, subset: str | None = None):
+                    limit: int | None = None, tok_fp: str | None = None, subset: str | None = None,
+                    seq2seq: bool = False):
     """The cached, tokenized table of one source: a ``datasets.Dataset`` with one record per source
     row (bad ones marked), and whether it came from the cache."""
     import datasets
@@ -197,6 +202,8 @@ def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_c
         "max_length": data_cfg.max_length, "overlong": data_cfg.overlong,
         "references": list(data_cfg.get("references") or []),
     }
+    if seq2seq:  # source and target as two sequences (only then, so other caches keep their keys)
+        parts["seq2seq"] = True
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
     folder = _cache_root() / digest
     use_cache = data_cfg.get("cache", True) if hasattr(data_cfg, "get") else True
@@ -231,7 +238,7 @@ def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_c
                 except UnicodeEncodeError:
                     rec = {**_empty(), "status": "bad", "error": "undecodable text (an unpaired UTF-16 surrogate)"}
                 else:
-                    rec = _process(row, tpl, ctx, tokenizer, data_cfg)
+                    rec = _process(row, tpl, ctx, tokenizer, data_cfg, seq2seq)
             for k, v in rec.items():
                 cols.setdefault(k, []).append(v)
         return cols
@@ -362,13 +369,14 @@ def build(cfg, tokenizer, console=None) -> DataBundle:
     """Every split of the config's data, tokenized. ``cfg`` is the whole run config (data, template, seed)."""
     data_cfg, seed = cfg.data, cfg.seed
     tok_fp = tokenizer_fingerprint(tokenizer)
+    seq2seq = cfg.get("model", {}).get("kind", "causal") == "seq2seq"
     hits = misses = 0
 
     def load(spec, key, split, limit=None, columns=None, subset=None):
         nonlocal hits, misses
         dcfg = data_cfg if columns is None else _with_columns(data_cfg, columns)
         table, hit = tokenize_source(spec, key, split, dcfg, cfg.template, tokenizer, seed, limit=limit, tok_fp=tok_fp,
-                                     subset=subset)
+                                     subset=subset, seq2seq=seq2seq)
         hits, misses = hits + hit, misses + (not hit)
         return table
 

@@ -30,6 +30,8 @@ def show(cfg, console, n: int = 3, split: str = "train") -> None:
     from . import pipeline
 
     tokenizer = models.load_tokenizer(models.resolve(cfg.model.path, cfg.model.revision))
+    if cfg.get("task", "generate") == "classify":
+        return _show_classify(cfg, tokenizer, console, n, split)
     with console.status("rendering and tokenizing the data"):
         bundle = pipeline.build(cfg, tokenizer)
     sd = bundle.split(split)
@@ -41,6 +43,9 @@ def show(cfg, console, n: int = 3, split: str = "train") -> None:
                   f"data.train_on={cfg.data.train_on}: {legend}", highlight=False)
     for i, ex in enumerate(examples[:n]):
         seqs = [("", ex["input_ids"], ex["labels"])]
+        if len(ex["labels"]) != len(ex["input_ids"]):  # model.kind=seq2seq: the source, then the target
+            seqs = [("source + target", ex["input_ids"] + ex["labels"],
+                     [IGNORE_INDEX] * len(ex["input_ids"]) + ex["labels"])]
         if "rejected_input_ids" in ex:
             seqs = [("chosen", ex["input_ids"], ex["labels"]),
                     ("rejected", ex["rejected_input_ids"], ex["rejected_labels"])]
@@ -93,3 +98,26 @@ def show(cfg, console, n: int = 3, split: str = "train") -> None:
     console.print(f"max_length={cfg.data.max_length}, overlong={cfg.data.overlong}, bad_rows={cfg.data.bad_rows}; "
                   f"tokenized data {'from the cache' if bundle.cache_misses == 0 else 'cached for next time'}",
                   highlight=False)
+
+
+def _show_classify(cfg, tokenizer, console, n: int, split: str) -> None:
+    """task=classify: the first rows' text as the model sees it (decoded tokens) and their label, then counts."""
+    from ..classify import build_data
+    from . import pipeline
+
+    with console.status("reading and tokenizing the data"):
+        bundle = build_data(cfg, tokenizer)
+    sd = bundle.split(split)
+    examples = bundle.train_unbalanced if split == "train" else sd.examples
+    console.print(f"[bold]{cfg.data.path}[/] ({split}), task=classify, labels {bundle.labels}", highlight=False)
+    for i, ex in enumerate(examples[:n]):
+        console.print(f"── example {i + 1}: {len(ex['input_ids'])} tokens, label {bundle.labels[ex['label']]} ──",
+                      highlight=False, markup=False)
+        console.print(tokenizer.decode(ex["input_ids"]), highlight=False, markup=False)
+    for s in (bundle.train, bundle.validation, bundle.test):
+        counts = {lab: sum(1 for e in (bundle.train_unbalanced if s is bundle.train else s.examples)
+                           if e["label"] == k) for k, lab in enumerate(bundle.labels)}
+        console.print(f"{s.name}: {pipeline.describe(s)}; rows per label {counts}; tokens p50 {s.percentile(50)}, "
+                      f"p95 {s.percentile(95)}, max {s.percentile(100)}", highlight=False)
+    if bundle.balance_report:
+        console.print(f"data.balance={cfg.data.balance}: {bundle.balance_report}", highlight=False)

@@ -53,6 +53,18 @@ def encode(tokenizer, rendered: Rendered, train_on: str = "completion") -> tuple
     return ids, labels
 
 
+def encode_seq2seq(tokenizer, rendered: Rendered) -> tuple[list[int], list[int]]:
+    """model.kind=seq2seq: the source (the prompt, with the tokenizer's special tokens: T5 ends it with
+    </s>) and the labels (the target's tokens, then EOS), two separate sequences."""
+    target = "".join(s.text for s in rendered.segments if s.target)
+    source = "".join(s.text for s in rendered.segments if not s.target)
+    src = tokenizer(source, add_special_tokens=True)["input_ids"]
+    tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not tgt or tgt[-1] != tokenizer.eos_token_id):
+        tgt = tgt + [tokenizer.eos_token_id]
+    return src, tgt
+
+
 def encode_pair(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
     """A prompt/completion pair, trained on the completion and EOS."""
     return encode(tokenizer, Rendered([Segment(prompt), Segment(completion, target=True, assistant=True, last=True)],
@@ -119,4 +131,20 @@ def collate(examples: list[dict], pad_id: int, pad_to_multiple_of: int | None = 
             mask[i, :k] = 1
     if packed:
         return {"input_ids": ids, "position_ids": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def seq2seq_collate(examples: list[dict], pad_id: int):
+    """Encoder inputs right-padded with their attention mask; labels padded with -100 to their own length."""
+    import torch
+
+    n = max(len(e["input_ids"]) for e in examples)
+    m = max(len(e["labels"]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    labels = torch.full((len(examples), m), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        mask[i, :len(e["input_ids"])] = 1
+        labels[i, :len(e["labels"])] = torch.tensor(e["labels"])
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -45,7 +45,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, 
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                      **kwargs)
-            texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            # a decoder-only model returns prompt + answer; an encoder-decoder, the answer alone
+            new = gen if model.config.is_encoder_decoder else gen[:, enc["input_ids"].shape[1]:]
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             for i, t in zip(idx, texts):
                 results[i] = cut_at_stop(t, stop)
             if progress:

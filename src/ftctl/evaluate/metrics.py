@@ -107,3 +107,31 @@ def f1(preds: list[str], refs: list, labels=None, **_) -> Scores:
     for lab, v in zip(labs, per):
         out[f"f1_{lab}"] = (100.0 * float(v), correct)
     return out
+
+
+def _precision_recall(preds, refs, labels, which: str) -> Scores:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labs = _labels(refs, labels)
+    y_true = [_refs(r)[0].strip() for r in refs]
+    y_pred = [parse_label(p, labs) or "<none>" for p in preds]
+    correct = [100.0 * (a == b) for a, b in zip(y_true, y_pred)]
+    k = {"precision": 0, "recall": 1}[which]
+    macro = precision_recall_fscore_support(y_true, y_pred, labels=labs, average="macro", zero_division=0)[k]
+    per = precision_recall_fscore_support(y_true, y_pred, labels=labs, average=None, zero_division=0)[k]
+    out: Scores = {f"{which}_macro": (100.0 * float(macro), correct)}
+    for lab, v in zip(labs, per):
+        out[f"{which}_{lab}"] = (100.0 * float(v), correct)
+    return out
+
+
+@METRICS.register("precision")
+def precision(preds: list[str], refs: list, labels=None, **_) -> Scores:
+    """Macro precision and precision per label (scikit-learn), labels parsed from the generations."""
+    return _precision_recall(preds, refs, labels, "precision")
+
+
+@METRICS.register("recall")
+def recall(preds: list[str], refs: list, labels=None, **_) -> Scores:
+    """Macro recall and recall per label (scikit-learn), labels parsed from the generations."""
+    return _precision_recall(preds, refs, labels, "recall")

@@ -241,6 +241,14 @@ def run_eval(ecfg: EvalConfig, overrides: list[str] | None = None, console=None)
     console = console or Console()
     _check(ecfg)
     cfg, manifest, run = _config(ecfg, list(overrides or []))
+    if cfg.get("task", "generate") == "classify":
+        from ..classify import run_eval as classify_eval
+
+        return classify_eval(ecfg, cfg, manifest, run, console)
+    seq2seq = cfg.model.get("kind", "causal") == "seq2seq"
+    if seq2seq and set(ecfg.metrics) & set(MODEL_METRICS):
+        raise ConfigError(f"{', '.join(sorted(set(ecfg.metrics) & set(MODEL_METRICS)))}: not available for "
+                          "model.kind=seq2seq runs; score generations (rouge, bleu, exact_match, accuracy, f1)")
     model_path = Path(manifest["model_path"])
     tokenizer = models.load_tokenizer(model_path)
     bundle = pipeline.build(cfg, tokenizer)

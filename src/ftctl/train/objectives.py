@@ -185,6 +185,40 @@ class SFT:
         return {"val_loss": total / max(count, 1)}
 
 
+class Seq2SeqSFT(SFT):
+    """Encoder-decoder SFT (model.kind=seq2seq): the prompt is the encoder's input, the labels are the
+    target's tokens (the decoder's inputs are the labels shifted right, made by the model); cross-entropy
+    on every target token, normalised by the target tokens of the whole step."""
+    name = "sft"
+
+    def collate(self, examples):
+        from ..data.tokenize import seq2seq_collate
+
+        return seq2seq_collate(examples, self.pad_id)
+
+    def count(self, batches) -> int:
+        return sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+
+    def loss(self, model, batch, n_items, stats=None):
+        import torch.nn.functional as F
+
+        logits = model(**batch, use_cache=False).logits.float()
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum") / n_items
+
+    def validate(self, model, examples, batch_size, device) -> dict:
+        import torch
+
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(examples), batch_size):
+                batch = {k: v.to(device) for k, v in self.collate(examples[i:i + batch_size]).items()}
+                n = int((batch["labels"] != IGNORE_INDEX).sum())
+                total += float(self.loss(model, batch, 1))
+                count += n
+        return {"val_loss": total / max(count, 1)}
+
+
 class Preference:
     """Shared by DPO and the reward model: batches of pairs, a loss averaged over the pairs of a step."""
 

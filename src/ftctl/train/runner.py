@@ -221,6 +221,12 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     with engine.main_first():  # the main process fills the model and data caches; the others then read them
         model_path = models.resolve(cfg.model.path, cfg.model.revision)
         tokenizer = models.load_tokenizer(model_path)
+        classify_task = cfg.get("task", "generate") == "classify"
+        if classify_task:
+            from .. import classify
+
+            bundle = classify.build_data(cfg, tokenizer)
+        else:
         bundle = pipeline.build(cfg, tokenizer)
     train_data, val_data = bundle.train, bundle.validation
     if cfg.objective != "sft" and not bundle.preference:
@@ -232,8 +238,9 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     else:
         handler = logging.NullHandler()
     where = f"device={device}" if world == 1 else f"distributed={cfg.distributed.strategy} x{world} ({device.type})"
+    method = f"classify.strategy={cfg.classify.strategy}" if classify_task else f"method={cfg.peft.method}"
     console.print(f"[bold]ftctl train[/] recipe={choices.get('recipe', '-')} model={cfg.model.name} "
-                  f"method={cfg.peft.method} quant={cfg.quant.method} {where} → {out}", highlight=False)
+                  f"{method} quant={cfg.quant.method} {where} → {out}", highlight=False)
     for sd in (train_data, val_data):
         line = f"data ({sd.name}): {pipeline.describe(sd)}"
         log.info("%s (%s)", line, cfg.data.path)
@@ -245,16 +252,29 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     if bundle.preference and cfg.objective == "sft":
         console.print("preference pairs with the SFT objective: training on prompt + chosen answer", highlight=False)
     quantized = cfg.quant.method != "none"
-    model = models.load_model(model_path, cfg.model, cfg.quant, device,
-                              head="score" if cfg.objective == "reward" else "lm", pad_id=tokenizer.pad_token_id)
+    if classify_task and bundle.balance_report:
+        console.print(f"data.balance={cfg.data.balance}: {bundle.balance_report}", highlight=False)
+        log.info("data.balance=%s: %s", cfg.data.balance, bundle.balance_report)
+    head = "classify" if classify_task else "score" if cfg.objective == "reward" else "lm"
+    model = models.load_model(model_path, cfg.model, cfg.quant, device, head=head, pad_id=tokenizer.pad_token_id,
+                              labels=bundle.labels if classify_task else None)
     base_bytes = model.get_memory_footprint()
     n_rows = len(train_data.examples)
     steps = total_steps(cfg.trainer, n_rows)
-    if cfg.model.adapter:
+    if classify_task:
+        from ..registry import CLASSIFY
+
+        model = CLASSIFY.get(cfg.classify.strategy)(model, cfg, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+                                                    steps=steps, model_path=model_path)
+        if cfg.classify.strategy == "features":
+            return classify.train_features(cfg, choices, model, tokenizer, bundle, out, console, t_start,
+                                           model_path, str(device), handler)
+    elif cfg.model.adapter:
         model = objectives_setup.continue_adapter(model, cfg.model.adapter, quantized, cfg.trainer.gradient_checkpointing)
     else:
         # a reward model's adapter also trains its new scalar head (peft's SEQ_CLS task saves "score")
-        task = {"task_type": "SEQ_CLS"} if cfg.objective == "reward" else {}
+        task = {"task_type": "SEQ_CLS"} if cfg.objective == "reward" else \
+            {"task_type": "SEQ_2_SEQ_LM"} if cfg.model.get("kind") == "seq2seq" else {}
         model = ADAPTERS.get(cfg.peft.method)(model, cfg.peft, quantized=quantized,
                                               gradient_checkpointing=cfg.trainer.gradient_checkpointing,
                                               steps=steps, model_path=model_path, **task)
@@ -300,7 +320,9 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
         "objective": cfg.objective, "reference": getattr(objective, "reference_kind", None),
         "continued_from": str(objectives_setup.adapter_folder(cfg.model.adapter)) if cfg.model.adapter else None,
         **params_report, "base_memory_bytes": base_bytes, "adapter": is_adapter,
-        "peft_method": cfg.peft.method, "optimizer": cfg.trainer.optimizer,
+        "peft_method": cfg.peft.method if not classify_task or cfg.classify.strategy == "lora" else None,
+        "optimizer": cfg.trainer.optimizer,
+        **({"task": "classify", "strategy": cfg.classify.strategy} if classify_task else {}),
         "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if main:
@@ -403,7 +425,8 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                         metrics.log(step=done, **{k: round(v, 6) for k, v in val.items()})
                         trackers.log({k: round(v, 6) for k, v in val.items()}, done)
                         log.info("step %d %s", done, " ".join(f"{k} {v:.4f}" for k, v in val.items()))
-                        extra = f", preference accuracy {val['val_accuracy']:.3f}" if "val_accuracy" in val else ""
+                        extra = f", preference accuracy {val['val_accuracy']:.3f}" if "val_accuracy" in val else \
+                            f", accuracy {val['val_acc']:.2f}%, macro F1 {val['val_f1_macro']:.2f}" if "val_acc" in val else ""
                         progress.print(f"step {done}: validation loss {val_loss:.4f}{extra}")
                         last_val = val
                 if (tc.save_every and done % tc.save_every == 0) or done == steps or stop.signum is not None:
@@ -428,10 +451,16 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
         log.removeHandler(handler)
         raise
     progress.close()
+    loop_figures = measured()  # the training loop's peak memory, time and throughput
     if not main:
         return out
+    if classify_task:
+        with console.status("scoring the classifier on the train, validation and test rows"):
+            result = classify.final_scores(accelerator.unwrap_model(model), bundle, tokenizer.pad_token_id)
+        manifest.update(classify=result, **classify.headline(result))
+        console.print(classify.summary_line(result), highlight=False)
     manifest.update(status="finished", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    **measured(), final_train_loss=last_loss, final_val_loss=val_loss, final_val=last_val, output=final.name,
+                    **loop_figures, final_train_loss=last_loss, final_val_loss=val_loss, final_val=last_val, output=final.name,
                     wall_time_s=round(time.time() - t_start, 1))
     atomic_write_json(out / "manifest.json", manifest)
     metrics.close()

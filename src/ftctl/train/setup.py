@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..errors import ConfigError
-from .objectives import DPO, REFERENCE_FREE, SFT, Reward, sequence_logps
+from .objectives import DPO, REFERENCE_FREE, SFT, Reward, Seq2SeqSFT, sequence_logps
 
 
 def adapter_folder(spec: str) -> Path:
@@ -139,8 +139,12 @@ def make_objective(cfg, model, pad_id: int, bundle, model_path, steps: int, cons
     """The runner's objective for ``cfg.objective``; for DPO, with its reference set up."""
     from ..adapters import is_adapter
 
+    if cfg.get("task", "generate") == "classify":
+        from ..classify import Objective
+
+        return Objective(pad_id, bundle.labels, bundle.class_weights)
     if cfg.objective == "sft":
-        return SFT(pad_id)
+        return Seq2SeqSFT(pad_id) if cfg.model.get("kind") == "seq2seq" else SFT(pad_id)
     if cfg.objective == "reward":
         return Reward(pad_id)
     dcfg = cfg.dpo
