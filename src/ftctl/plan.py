@@ -292,6 +292,9 @@ def estimate(cfg, pcfg: PlanConfig) -> dict:
     n = pcfg.devices or _devices_from(cfg)
     if n < 1:
         raise ConfigError(f"devices={n}: must be >= 1")
+    if cfg.get("task", "generate") == "classify" or cfg.model.get("kind", "causal") != "causal":
+        raise ConfigError("ftctl plan estimates decoder (causal LM) training; task=classify and model.kind="
+                          f"{cfg.model.get('kind', 'causal')} are not covered yet")
     mconf, source = model_config(cfg)
     quant = str(cfg.quant.method)
     model, applied = meta_model(cfg, mconf, quantized=quant != "none")
