@@ -227,7 +227,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
 
             bundle = classify.build_data(cfg, tokenizer)
         else:
-        bundle = pipeline.build(cfg, tokenizer)
+            bundle = pipeline.build(cfg, tokenizer)
     train_data, val_data = bundle.train, bundle.validation
     if cfg.objective != "sft" and not bundle.preference:
         raise ConfigError(f"objective={cfg.objective} needs preference pairs (template=preference or preference_chat, "
