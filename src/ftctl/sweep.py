@@ -344,9 +344,13 @@ def loss_figure(rows):
                 vy = vy[:len(vx)]
             if vx:
                 ax.plot(vx, vy, color=c, linestyle="none", marker="s", markersize=4, alpha=0.8)
+    ys = [y for ax in (a, b) for line in ax.get_lines() for y in line.get_ydata()]
+    log_y = bool(ys) and min(ys) > 0 and max(ys) / min(ys) >= 10  # the end of the curves, where trials differ
     for ax, x in ((a, "step"), (b, "tokens seen")):
         ax.set_xlabel(x)
-        ax.set_ylabel("loss")
+        ax.set_ylabel("loss (log scale)" if log_y else "loss")
+        if log_y:
+            ax.set_yscale("log")
     _tokens_fmt(b)
     a.set_title("training loss (lines) and validation loss (squares)", fontsize=10)
     b.set_title("against tokens seen", fontsize=10)
