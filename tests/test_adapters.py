@@ -69,9 +69,9 @@ def _train_with_spies(monkeypatch, overrides):
 
     save = runner._save_final
 
-    def spy_save(model, tokenizer, out, is_adapter):
+    def spy_save(model, tokenizer, out, is_adapter, *rest):
         seen["model"] = model
-        return save(model, tokenizer, out, is_adapter)
+        return save(model, tokenizer, out, is_adapter, *rest)
 
     monkeypatch.setattr(ADAPTERS, "get", spy_get)
     monkeypatch.setattr(runner, "_save_final", spy_save)
