@@ -119,6 +119,10 @@ def test_method_trains_only_its_parameters_and_reloads_exactly(tmp_path, monkeyp
         # saved as plain LoRA of rank 2r against the original base (the run trained against the residual base)
         assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 2 * 4
         assert torch.allclose(got, want, atol=1e-4, rtol=0), float((got - want).abs().max())
+    elif method == "adalora":
+        # the reloaded AdaLoRA layer rescales by alpha / ranknum afresh; with peft 0.21 the logits differ from the
+        # trained module's by float32 rounding (3e-7 seen), where every other method reloads bit for bit
+        assert torch.allclose(got, want, atol=1e-5, rtol=0), float((got - want).abs().max())
     else:
         assert torch.equal(got, want), float((got - want).abs().max())
     assert (out / ("model" if method in ("bitfit", "freeze", "full") else "adapter")).is_dir()
