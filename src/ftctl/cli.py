@@ -361,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     from .errors import FtctlError
 
+    # Accelerate imports DeepSpeed whenever it is installed (2-3 s, in every process); only distributed=zero*
+    # needs it, and that engine imports it itself (ftctl.train.distributed.import_deepspeed)
+    if "deepspeed" not in sys.modules:
+        sys.modules["deepspeed"] = None
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # no telemetry; the hub is contacted only for a hub id
 
     if not debug:  # libraries' deprecation notices are for ftctl's developers, not its users

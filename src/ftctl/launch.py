@@ -125,11 +125,9 @@ def launch(cfg, choices: dict, console, debug: bool = False, dry_run: bool = Fal
     with open_dict(cfg):
         cfg.output_dir = str(out)  # every worker (and every machine) writes the same run directory
     if cfg.distributed.strategy in DEEPSPEED:  # a user's DeepSpeed JSON that disagrees stops here, not in N workers
-        from importlib.util import find_spec
+        from .train.distributed import deepspeed_config, deepspeed_installed, mixed_precision
 
-        from .train.distributed import deepspeed_config, mixed_precision
-
-        if find_spec("deepspeed") is None:
+        if not deepspeed_installed():
             raise ConfigError(f"distributed={cfg.distributed.strategy} needs DeepSpeed: pip install deepspeed "
                               "(or pip install -e '.[distributed]')")
         deepspeed_config(cfg, world_size(cfg), mixed_precision(cfg))

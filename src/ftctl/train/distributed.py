@@ -362,7 +362,7 @@ class DeepSpeedEngine(ShardedEngine):
     format = "deepspeed"
 
     def prepare(self, model, optimizer, scheduler):
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         self.ds_config = deepspeed_config(self.cfg, self.world, self.mixed)
         # ZeRO drops empty parameter groups (ftctl's no-decay group is empty for LoRA): drop them here too,
@@ -416,7 +416,7 @@ class DeepSpeedEngine(ShardedEngine):
     def final_state(self, model, is_adapter):
         """The trained weights in full precision (DeepSpeed's fp32 master copy, as a one-process run keeps
         them under mixed precision); frozen ones, for a full model, gathered as they are."""
-        import deepspeed
+        deepspeed = import_deepspeed()
         from deepspeed.utils import safe_get_full_fp32_param
 
         module = model.module
@@ -434,6 +434,27 @@ class DeepSpeedEngine(ShardedEngine):
 
 ENGINES = {"single": Engine, "ddp": Engine, "fsdp": FSDPEngine, "zero1": DeepSpeedEngine, "zero2": DeepSpeedEngine,
            "zero3": DeepSpeedEngine, "zero3_offload": DeepSpeedEngine}
+
+
+def deepspeed_installed() -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("deepspeed")
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def import_deepspeed():
+    """DeepSpeed, also where ftctl's command line kept Accelerate from importing it (sys.modules: None)."""
+    import sys
+
+    if "deepspeed" in sys.modules and sys.modules["deepspeed"] is None:
+        del sys.modules["deepspeed"]
+    import deepspeed
+
+    return deepspeed
 
 
 def make_engine(cfg, mixed: str, log_with) -> Engine:
