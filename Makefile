@@ -43,7 +43,7 @@ demo: setup
 	$(FTCTL) eval exact_match rougeL run=$(DEMO_DIR) compare=base max_new_tokens=16
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
