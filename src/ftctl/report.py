@@ -662,25 +662,34 @@ def _overrides(trial: Path) -> list[str]:
 
 
 def _sweep_loss_figure(trials: list[dict]):
+    """Every trial's training loss (lines) and validation loss (squares) overlaid. trials: dicts with train,
+    val, label and (optionally) best. Line styles cycle with the colours so that trials with identical curves
+    stay distinguishable; the loss axis is logarithmic when the loss falls tenfold."""
     fig, (a, b) = _figure(2, height=4.0)
+    styles = ["-", (0, (4, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2))]
     for i, t in enumerate(trials):
-        c = COLORS[i % len(COLORS)]
+        c, ls = COLORS[i % len(COLORS)], styles[(i // len(COLORS) + i) % len(styles)]
+        best = bool(t.get("best"))
         for ax, x in ((a, "step"), (b, "tokens")):
             xs, ys = _xy(t["train"], "loss", x)
             if xs:
-                ax.plot(xs, ys if len(xs) < 20 else _ema(ys, max(3, len(xs) // 20)), color=c, linewidth=1.5,
-                        label=f"{t['label']}")
+                ax.plot(xs, ys if len(xs) < 20 else _ema(ys, max(3, len(xs) // 20)), color=c, linestyle=ls,
+                        linewidth=2.4 if best else 1.6, label=t["label"] + (" (best)" if best else ""))
             vx, vy = _xy(t["val"], "val_loss")
             if x == "tokens":
                 vx = _tokens_at(t["train"], vx)
                 vy = vy[:len(vx)]
             if vx:
-                ax.plot(vx, vy, color=c, linestyle="--", marker="s", markersize=3.5, linewidth=1.2)
+                ax.plot(vx, vy, color=c, linestyle="none", marker="s", markersize=4, alpha=0.8)
+    ys = [y for ax in (a, b) for line in ax.get_lines() for y in line.get_ydata()]
+    log_y = bool(ys) and min(ys) > 0 and max(ys) / min(ys) >= 10  # the end of the curves, where trials differ
     for ax, x in ((a, "step"), (b, "tokens seen")):
         ax.set_xlabel(x)
-        ax.set_ylabel("loss")
+        ax.set_ylabel("loss (log scale)" if log_y else "loss")
+        if log_y:
+            ax.set_yscale("log")
     _tokens_fmt(b)
-    a.set_title("training loss (solid) and validation loss (dashed)", fontsize=10)
+    a.set_title("training loss (lines) and validation loss (squares)", fontsize=10)
     b.set_title("against tokens seen", fontsize=10)
     if trials:
         a.legend(frameon=False, fontsize=7, loc="upper right")
@@ -732,7 +741,7 @@ def sweep_report_html(folder: Path, trial_dirs: list[Path]) -> tuple[str, dict]:
             "validation loss.</p>",
             "<h2>Loss curves</h2>",
             f'<figure>{_img(_png(figs["sweep_loss"]), "loss of every trial")}<figcaption>every trial\'s loss; '
-            "colours follow the legend</figcaption></figure>",
+            "colours and line styles follow the legend</figcaption></figure>",
             "<h2>Each trial</h2>", '<div class="plots">']
     for t in trials:
         if not (t["train"] or t["val"]):

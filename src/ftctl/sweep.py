@@ -322,41 +322,16 @@ def metric_figure(rows, swept, metric, direction):
 
 
 def loss_figure(rows):
-    """Every trial's training loss (solid) and validation loss (dashed, squares) overlaid; line styles
-    cycle with the colours so that trials with identical curves stay distinguishable."""
-    from .report import COLORS, _ema, _figure, _split_rows, _tokens_at, _tokens_fmt, _xy
+    """Every trial's loss curves overlaid (report._sweep_loss_figure, as on ftctl report's sweep page)."""
+    from .report import _split_rows, _sweep_loss_figure
     from .runs import read_metrics
 
-    fig, (a, b) = _figure(2, height=4.0)
-    styles = ["-", (0, (4, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2))]
-    for i, r in enumerate(rows):
+    trials = []
+    for r in rows:
         train, val = _split_rows(read_metrics(r["dir"])) if (r["dir"] / "metrics.jsonl").is_file() else ([], [])
-        c, ls = COLORS[i % len(COLORS)], styles[(i // len(COLORS) + i) % len(styles)]
-        label = " ".join(f"{k}={v}" for k, v in r["swept"].items()) or r["trial"]
-        for ax, x in ((a, "step"), (b, "tokens")):
-            xs, ys = _xy(train, "loss", x)
-            if xs:
-                ax.plot(xs, ys if len(xs) < 20 else _ema(ys, max(3, len(xs) // 20)), color=c, linestyle=ls,
-                        linewidth=1.6 if not r["best"] else 2.4, label=label + (" (best)" if r["best"] else ""))
-            vx, vy = _xy(val, "val_loss")
-            if x == "tokens":
-                vx = _tokens_at(train, vx)
-                vy = vy[:len(vx)]
-            if vx:
-                ax.plot(vx, vy, color=c, linestyle="none", marker="s", markersize=4, alpha=0.8)
-    ys = [y for ax in (a, b) for line in ax.get_lines() for y in line.get_ydata()]
-    log_y = bool(ys) and min(ys) > 0 and max(ys) / min(ys) >= 10  # the end of the curves, where trials differ
-    for ax, x in ((a, "step"), (b, "tokens seen")):
-        ax.set_xlabel(x)
-        ax.set_ylabel("loss (log scale)" if log_y else "loss")
-        if log_y:
-            ax.set_yscale("log")
-    _tokens_fmt(b)
-    a.set_title("training loss (lines) and validation loss (squares)", fontsize=10)
-    b.set_title("against tokens seen", fontsize=10)
-    if rows:
-        a.legend(frameon=False, fontsize=7, loc="upper right")
-    return fig
+        trials.append({"train": train, "val": val, "best": r["best"],
+                       "label": " ".join(f"{k}={v}" for k, v in r["swept"].items()) or r["trial"]})
+    return _sweep_loss_figure(trials)
 
 
 def sweep_report(folder, metric: str | None = None, console=None) -> list[dict]:
