@@ -80,6 +80,9 @@ class DataConfig:
     train_on: str = "completion"
     # concatenate examples into max_length rows (no attention across examples)
     packing: bool = False
+    # unpacked rows: batches of rows of similar length (sorted within windows of 50 batches of a shuffled
+    # epoch, the batches then shuffled), so little compute goes to padding
+    group_by_length: bool = True
     # a row that cannot be used (invalid JSON, missing/mistyped/empty field, nothing to train on): error | skip
     bad_rows: str = "error"
     limit: Optional[int] = None
@@ -176,6 +179,9 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     gradient_checkpointing: bool = False
+    # SFT on a causal LM: targets (the output head runs only where a label is trained, in chunks of 1024
+    # positions: no [tokens, vocab] logits for prompts and padding) | all (the model's own forward)
+    logits: str = "targets"
     num_threads: Optional[int] = None  # torch threads; null = all cores
     # a NaN/Inf loss or gradient: stop (default; the update is not applied, the last good checkpoint
     # stays) | skip (drop that step's update and go on; skipped steps are counted in metrics.jsonl)
@@ -637,6 +643,7 @@ def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
                           "virtual tokens go before each row, and packed rows need their own position ids; "
                           "use data.packing=false")
     _allowed(cfg, "data.overlong", ("drop", "truncate", "error"), files)
+    _allowed(cfg, "trainer.logits", ("targets", "all"), files)
     _allowed(cfg, "data.train_on", ("completion", "all", "assistant", "last"), files)
     _allowed(cfg, "data.bad_rows", ("error", "skip"), files)
     _allowed(cfg, "template.style", ("plain", "chat"), files)

@@ -150,12 +150,68 @@ class StepStats:
 
 
 # ----------------------------------------------------------------------------- objectives
+# ----------------------------------------------------------------------------- logits at the targets only
+# model types whose causal-LM loss is exactly cross-entropy over lm_head(final hidden state): no logit
+# scaling or soft-capping between the two (Gemma 2, Granite, Cohere have some and keep the full forward)
+TARGETS_ONLY_MODELS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3")
+TARGET_CHUNK = 1024  # target positions per chunk of the output head: at most [1024, vocab] logits at once
+
+
+def targets_only_parts(model):
+    """(decoder, output head) of ``model`` (a causal LM, or a peft model around one that injects its
+    layers in place) when the loss may be computed from the final hidden states at the target positions
+    alone; None where the model's own forward must run (prompt-learning adapters, other heads)."""
+    lm = model
+    if hasattr(lm, "peft_config") and hasattr(lm, "get_base_model"):
+        if getattr(lm, "active_peft_config", None) is None or lm.active_peft_config.is_prompt_learning:
+            return None
+        lm = lm.get_base_model()
+    cfg = getattr(lm, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in TARGETS_ONLY_MODELS or cfg.is_encoder_decoder:
+        return None
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logits_scaling", None):
+        return None
+    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    if decoder is None or head is None or decoder is lm:
+        return None
+    return decoder, head
+
+
+def _chunk_ce(head, hidden, target):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(head(hidden).float(), target, reduction="sum")
+
+
+def targets_only_loss(decoder, head, batch, n_items, chunk: int = TARGET_CHUNK):
+    """The causal-LM loss (summed cross-entropy of the labelled next tokens / ``n_items``) with the output
+    head applied only where a label is trained, a chunk of positions at a time; chunks after the first are
+    recomputed in the backward pass, so no [tokens, vocab] logits tensor is ever held. Equal to
+    ``model(**batch, num_items_in_batch=n_items).loss`` (tests/test_performance.py)."""
+    from torch.utils.checkpoint import checkpoint
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    target = batch["labels"][:, 1:]
+    keep = target != IGNORE_INDEX
+    h, t = hidden[:, :-1][keep], target[keep]
+    if t.numel() <= chunk:
+        return _chunk_ce(head, h, t) / n_items
+    total = _chunk_ce(head, h[:chunk], t[:chunk])
+    for s in range(chunk, t.numel(), chunk):
+        total = total + checkpoint(_chunk_ce, head, h[s:s + chunk], t[s:s + chunk], use_reentrant=False)
+    return total / n_items
+
+
 class SFT:
-    """Next-token cross-entropy on the labelled tokens, normalised by the target tokens of the whole step."""
+    """Next-token cross-entropy on the labelled tokens, normalised by the target tokens of the whole step.
+    ``targets_only``: (decoder, head, autocast context) to compute logits only at the target positions
+    (trainer.logits=targets); None: the model's own forward computes logits everywhere."""
     name = "sft"
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, targets_only=None):
         self.pad_id = pad_id
+        self.targets_only = targets_only
 
     def collate(self, examples):
         from ..data.tokenize import collate
@@ -169,6 +225,10 @@ class SFT:
         return sum(len(e["input_ids"]) for e in examples)
 
     def loss(self, model, batch, n_items, stats=None):
+        if self.targets_only is not None:
+            decoder, head, autocast = self.targets_only
+            with autocast():
+                return targets_only_loss(decoder, head, batch, n_items)
         return model(**batch, num_items_in_batch=n_items, use_cache=False).loss
 
     def validate(self, model, examples, batch_size, device) -> dict:

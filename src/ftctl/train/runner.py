@@ -2,6 +2,7 @@
 Accelerate (not the HF Trainer), in the spirit of torchtune's single-device recipes."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -76,15 +77,48 @@ def _stats_from(stats, sums: list[float]):
     return StepStats(int(sums[0]), *sums[1:])
 
 
-def batch_indices(n_rows: int, batch_size: int, seed: int, shuffle: bool, micro: int) -> list[int]:
+GROUP = 50  # length grouping: rows are sorted by length within windows of GROUP batches (as HF's group_by_length)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n_rows: int, batch_size: int, seed: int, shuffle: bool, epoch: int,
+                 lengths: tuple[int, ...] | None) -> tuple[int, ...]:
+    order = list(range(n_rows))
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if shuffle:
+        rng.shuffle(order)
+    if lengths is None:
+        return tuple(order)
+    # length-grouped: a shuffled epoch cut into windows of GROUP batches, each sorted by length, so a batch
+    # holds rows of similar length (little padding); then the batches of the epoch in a shuffled order
+    window = batch_size * GROUP
+    grouped = []
+    for s in range(0, n_rows, window):
+        grouped += sorted(order[s:s + window], key=lambda i: -lengths[i])
+    full = n_rows - n_rows % batch_size
+    batches = [grouped[k:k + batch_size] for k in range(0, full, batch_size)]
+    if shuffle:
+        rng.shuffle(batches)  # the short batch stays last: every slice of batch_size stays one batch
+    return tuple([i for b in batches for i in b] + grouped[full:])
+
+
+def batch_indices(n_rows: int, batch_size: int, seed: int, shuffle: bool, micro: int,
+                  lengths: tuple[int, ...] | None = None) -> list[int]:
     """Row indices of global micro-batch number ``micro``. A pure function of the position, so a
-    resumed run sees exactly the batches an uninterrupted run would have seen."""
+    resumed run sees exactly the batches an uninterrupted run would have seen. ``lengths``: the rows'
+    token counts, for length-grouped batches (data.group_by_length)."""
     per_epoch = math.ceil(n_rows / batch_size)
     epoch, k = divmod(micro, per_epoch)
-    order = list(range(n_rows))
-    if shuffle:
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[k * batch_size:(k + 1) * batch_size]
+    order = _epoch_order(n_rows, batch_size, seed, shuffle, epoch, lengths)
+    return list(order[k * batch_size:(k + 1) * batch_size])
+
+
+def row_lengths(cfg, examples: list[dict]) -> tuple[int, ...] | None:
+    """What length grouping sorts by (pairs: both answers), or None where it is off or does not apply
+    (packed rows are already full)."""
+    if not cfg.data.get("group_by_length", False) or cfg.data.packing or not examples:
+        return None
+    return tuple(len(e["input_ids"]) + len(e.get("rejected_input_ids", ())) for e in examples)
 
 
 def total_steps(tcfg, n_rows: int) -> int:
@@ -260,6 +294,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                               labels=bundle.labels if classify_task else None)
     base_bytes = model.get_memory_footprint()
     n_rows = len(train_data.examples)
+    lengths = row_lengths(cfg, train_data.examples)
     steps = total_steps(cfg.trainer, n_rows)
     if classify_task:
         from ..registry import CLASSIFY
@@ -293,8 +328,12 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                               optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     model, optimizer = engine.prepare(model, optimizer, scheduler)
     with engine.main_first():  # DPO's precomputed reference is cached on disk
+        # logits at the target positions only: where one process holds the whole model (the sharded and
+        # DDP engines need their own forward to run)
+        one = world == 1 and cfg.distributed.strategy == "single"
         objective = objectives_setup.make_objective(cfg, engine.unwrap(model), tokenizer.pad_token_id, bundle,
-                                                    model_path, steps, console)
+                                                    model_path, steps, console,
+                                                    autocast=engine.accelerator.autocast if one else None)
     start_step, tokens_seen, skipped = 0, 0, 0
     if resume and ckpt is None:
         console.print(f"resume=true: no complete checkpoint in {out / 'checkpoints'} yet; starting at step 0",
@@ -354,7 +393,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
             for step in range(start_step, steps):
                 # this process's share of each micro-batch (all of it in one process; see distributed.Engine.shard)
                 shards = [engine.shard([train_data.examples[i] for i in batch_indices(
-                    n_rows, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j)])
+                    n_rows, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j, lengths)])
                     for j in range(tc.grad_accum)]
                 micro_examples = [exs for exs, _ in shards]
                 real = [is_real for _, is_real in shards]
@@ -394,7 +433,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                     adapters.after_step(engine.unwrap(model), done)  # AdaLoRA's rank budget
                 elif tc.on_nan == "stop":
                     rows = [i for j in range(tc.grad_accum) for i in batch_indices(
-                        n_rows, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j)]
+                        n_rows, tc.batch_size, cfg.seed, cfg.data.shuffle, step * tc.grad_accum + j, lengths)]
                     raise NonFiniteError(
                         f"non-finite loss/gradient at step {done} (loss {step_loss}, training rows {rows}); the update "
                         "was not applied and the last good checkpoint is kept (trainer.on_nan=skip goes on instead)")

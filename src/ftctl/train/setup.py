@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..errors import ConfigError
-from .objectives import DPO, REFERENCE_FREE, SFT, Reward, Seq2SeqSFT, sequence_logps
+from .objectives import DPO, REFERENCE_FREE, SFT, Reward, Seq2SeqSFT, sequence_logps, targets_only_parts
 
 
 def adapter_folder(spec: str) -> Path:
@@ -92,12 +92,13 @@ def precompute_reference(cfg, model, objective, bundle, model_path, steps: int, 
     import torch
 
     from ..paths import cache_dir
-    from .runner import batch_indices
+    from .runner import batch_indices, row_lengths
 
     tc = cfg.trainer
     n_rows = len(bundle.train.examples)
+    lengths = row_lengths(cfg, bundle.train.examples)
     visit = sorted({i for m in range(steps * tc.grad_accum)
-                    for i in batch_indices(n_rows, tc.batch_size, cfg.seed, cfg.data.shuffle, m)})
+                    for i in batch_indices(n_rows, tc.batch_size, cfg.seed, cfg.data.shuffle, m, lengths)})
     todo = {"train": visit, "validation": list(range(min(len(bundle.validation.examples), tc.eval_max_rows)))}
     key = _ref_cache_key(cfg, bundle, model_path)
     f = cache_dir() / "ref" / f"{key}.pt"
@@ -135,8 +136,9 @@ def _identity_at_start(model, objective, examples) -> bool:
     return all(bool((a - b).abs().max() <= 1e-4 * (1 + b.abs().max())) for a, b in zip(on, off))
 
 
-def make_objective(cfg, model, pad_id: int, bundle, model_path, steps: int, console):
-    """The runner's objective for ``cfg.objective``; for DPO, with its reference set up."""
+def make_objective(cfg, model, pad_id: int, bundle, model_path, steps: int, console, autocast=None):
+    """The runner's objective for ``cfg.objective``; for DPO, with its reference set up. ``autocast``: the
+    engine's mixed-precision context where SFT may compute logits at the targets only (one process)."""
     from ..adapters import is_adapter
 
     if cfg.get("task", "generate") == "classify":
@@ -144,7 +146,10 @@ def make_objective(cfg, model, pad_id: int, bundle, model_path, steps: int, cons
 
         return Objective(pad_id, bundle.labels, bundle.class_weights)
     if cfg.objective == "sft":
-        return Seq2SeqSFT(pad_id) if cfg.model.get("kind") == "seq2seq" else SFT(pad_id)
+        if cfg.model.get("kind") == "seq2seq":
+            return Seq2SeqSFT(pad_id)
+        parts = targets_only_parts(model) if autocast is not None and cfg.trainer.logits == "targets" else None
+        return SFT(pad_id, None if parts is None else (*parts, autocast))
     if cfg.objective == "reward":
         return Reward(pad_id)
     dcfg = cfg.dpo
