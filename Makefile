@@ -9,7 +9,7 @@ FTCTL   = $(VENV)/bin/ftctl
 STAMP   = $(VENV)/.ftctl-setup
 DEMO_DIR ?= outputs/demo
 
-.PHONY: setup demo test test-fast clean browser
+.PHONY: setup demo test test-fast bench clean browser
 
 setup: $(STAMP) browser
 
@@ -47,6 +47,11 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# ftctl against TRL's `trl sft` on the same model, data and LoRA settings (needs ../shared/data; about 25
+# minutes on 2 cores); BENCH_ARGS, e.g. BENCH_ARGS="--rows 64 --repeats 3 --precision fp32"
+bench: setup
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
