@@ -268,7 +268,7 @@ def merge_vs_copy(model_dir: str, run: Path, root: Path) -> dict:
     merged = root / "merged"
     if merged.exists():
         shutil.rmtree(merged)
-    res = run_measured([str(VENV_BIN / "ftctl"), "merge", f"run={run}", f"output_dir={merged}"], env=thread_env())
+    res = run_measured([str(VENV_BIN / "ftctl"), "merge", f"run={run}", f"output={merged}"], env=thread_env())
     copy = root / "copy"
     if copy.exists():
         shutil.rmtree(copy)
@@ -318,6 +318,38 @@ def generation(model_dir: str, data: dict, n: int = 16, max_new_tokens: int = 32
     return out
 
 
+# each optimisation of issue 10 added in turn to the state before it (ftctl only, same data)
+ABLATION = [
+    ("before: full logits, random batches", ["precision=fp32", "trainer.logits=all", "data.group_by_length=false"]),
+    ("+ length-grouped batches", ["precision=fp32", "trainer.logits=all"]),
+    ("+ logits at the targets only (the defaults)", ["precision=fp32"]),
+    ("+ trainer.cpu_allocator=default", ["precision=fp32", "trainer.cpu_allocator=default"]),
+    ("+ precision=bf16", ["precision=bf16", "trainer.cpu_allocator=default"]),
+    # the memory end of the trade-off, from the defaults
+    ("defaults + trainer.gradient_checkpointing=true", ["precision=fp32", "trainer.gradient_checkpointing=true"]),
+    ("defaults + precision=bf16 + gradient checkpointing", ["precision=bf16", "trainer.gradient_checkpointing=true"]),
+]
+
+
+def ablation(data: dict, root: Path, repeats: int, model_dir: str) -> list[dict]:
+    rows = []
+    for k, (label, extra) in enumerate(ABLATION):
+        runs = []
+        for i in range(repeats):
+            r = run_ftctl(data, root / f"ablation-{k}-{i}", extra)
+            r.pop("output")
+            runs.append(r)
+            print(f"  ablation {label} run {i + 1}: {r['tokens'] / r['train_s']:.1f} tokens/s, "
+                  f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+        rows.append({"label": label, "args": extra,
+                     "tokens_per_s": statistics.median(r["tokens"] / r["train_s"] for r in runs),
+                     "spread": spread([r["tokens"] / r["train_s"] for r in runs]),
+                     "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in runs),
+                     "train_loss": runs[0]["train_loss"][-1], "wall_s": statistics.median(r["wall_s"] for r in runs),
+                     "held_out_loss": held_out_loss(model_dir, runs[0]["adapter"], root / "held_out.jsonl")})
+    return rows
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -329,7 +361,8 @@ def main(argv: list[str]) -> int:
                     help="run TRL only with its default gradient checkpointing")
     ap.add_argument("--precision", default="fp32,bf16",
                     help="training precisions, each run by both tools: fp32 and/or bf16 (autocast; TRL's default)")
-    ap.add_argument("--only", default="train,startup,prep,merge,generate", help="comma-separated sections")
+    ap.add_argument("--only", default="train,ablation,startup,prep,merge,generate",
+                    help="comma-separated sections: train, ablation, startup, prep, merge, generate")
     ap.add_argument("--ftctl-args", default="", help="extra ftctl overrides, space-separated (for before/after)")
     args = ap.parse_args(argv)
     sections = set(args.only.split(","))
@@ -353,6 +386,11 @@ def main(argv: list[str]) -> int:
                      "data": {k: v for k, v in data.items() if k not in ("dir", "file")}, "params": n_params,
                      "settings": {"rank": RANK, "alpha": ALPHA, "batch": BATCH, "max_length": MAX_LEN, "lr": LR,
                                   "rows": data["train_rows"]}}
+    earlier = root / "results.json"
+    if earlier.is_file():  # a partial re-run (--only) keeps the other sections of the same benchmark
+        before = json.loads(earlier.read_text())
+        if before.get("settings") == results["settings"]:
+            results = before  # its machine figures (the matmul rates of its training runs) included
     print(f"machine: {CORES} cores, float32 matmul {rate / 1e9:.1f} GFLOP/s; data: {data['train_rows']} DialogSum "
           f"rows, {data['real_tokens']} real tokens (mean {data['mean_tokens']:.0f}, max {data['max_tokens']})",
           flush=True)
@@ -390,12 +428,15 @@ def main(argv: list[str]) -> int:
             print(f"  {precision} held-out loss: base {results['base_held_out_loss']:.4f}, " + ", ".join(
                 f"{k} {v[0]['held_out_loss']:.4f}" for k, v in runs.items()), flush=True)
             (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    if "ablation" in sections:
+        results["ablation"] = ablation(data, root, args.repeats, model_dir)
     if "startup" in sections:
         results["startup"] = startup()
     if "prep" in sections:
         results["prep"] = data_prep(data)
-    if "merge" in sections and "train" in sections:
-        results["merge"] = merge_vs_copy(model_dir, root / f"{args.precision.split(',')[0]}-ftctl-0", root)
+    merge_run = root / f"{args.precision.split(',')[0]}-ftctl-0"
+    if "merge" in sections and (merge_run / "adapter").is_dir():
+        results["merge"] = merge_vs_copy(model_dir, merge_run, root)
     if "generate" in sections:
         results["generate"] = generation(model_dir, data)
     (root / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -473,6 +514,15 @@ def report(res: dict) -> str:
                   f"| held-out loss | " + " | ".join(f"{f['loss']:.4f}" for f in mine)
                   + f" | {best_tps[0]}: {best_tps[1]['loss']:.4f} | equal within noise |",
                   f"| MFU | " + " | ".join(f"{100 * 4 * params * f['tps'] / rate:.1f}%" for f in mine) + " | | >= 50% |"]
+    if "ablation" in res:
+        base = res["ablation"][0]
+        lines += ["", "## What each optimisation bought (ftctl, the same job, each step added to the one above)", "",
+                  "| configuration | real tokens/s | spread | vs before | peak RSS GiB | wall s | last train loss | "
+                  "held-out loss |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for a in res["ablation"]:
+            lines.append(f"| {a['label']} | {a['tokens_per_s']:.1f} | {a['spread']} | "
+                         f"{a['tokens_per_s'] / base['tokens_per_s']:.2f}x | {a['peak_rss_bytes'] / 2**30:.2f} | "
+                         f"{a['wall_s']:.1f} | {a['train_loss']:.4f} | {a['held_out_loss']:.4f} |")
     if "startup" in res:
         lines += ["", "## CLI start-up (median of 5)", "", "| command | median s | min s | target |", "|---|---:|---:|---|"]
         targets = {"ftctl --help": "< 0.5 s", "ftctl train recipe=qlora_llama --cfg job": "< 2 s"}

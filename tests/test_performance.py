@@ -126,3 +126,19 @@ def test_group_by_length_is_on_for_unpacked_rows_only():
     assert row_lengths(compose("model=tiny_llama")[0], rows) == (3, 9)
     assert row_lengths(compose("model=tiny_llama", "data.group_by_length=false")[0], rows) is None
     assert row_lengths(compose("model=tiny_llama", "data.packing=true")[0], rows) is None
+
+
+def test_plan_counts_one_chunk_of_logits_with_targets_only():
+    """ftctl plan follows trainer.logits: 4 x 2048 tokens of Llama 3.1 8B (vocabulary 128,256) hold
+    8,192 rows of logits with logits=all, one chunk of 1,024 with logits=targets (bf16: 2 + 8 bytes each)."""
+    from conftest import compose
+
+    from ftctl import plan
+    from ftctl.plan import PlanConfig
+
+    common = ["recipe=qlora_llama", "model=llama3_1_8b", "trainer.batch_size=4", "data.max_length=2048"]
+    fast = plan.estimate(compose(*common)[0], PlanConfig(device="cuda"))["parts"]["logits"]
+    full = plan.estimate(compose(*common, "trainer.logits=all")[0], PlanConfig(device="cuda"))["parts"]["logits"]
+    ddp = plan.estimate(compose(*common)[0], PlanConfig(device="cuda", strategy="ddp", devices=2))["parts"]["logits"]
+    assert full == 8192 * 128_256 * 10 and fast == 1024 * 128_256 * 10
+    assert ddp == 4096 * 128_256 * 10  # several processes keep the model's own forward

@@ -19,7 +19,9 @@ part of a training step:
                   one layer recomputed. Measured with torch.autograd.graph.saved_tensors_hooks on
                   Llama blocks of three shapes (tests/test_plan.py checks it on a tiny model).
     logits        the LM head's output, its float32 log-softmax and its gradient: tokens x vocab x
-                  (dtype + 8) bytes at the peak of the backward pass
+                  (dtype + 8) bytes at the peak of the backward pass; with trainer.logits=targets (SFT,
+                  one process, a model the targets-only path covers) one chunk of at most 1,024 target
+                  positions at a time: min(tokens, 1024) x vocab x (dtype + 8), an upper bound
     runtime       CPU: the resident memory of a Python process with torch, transformers, peft,
                   accelerate and datasets imported, measured in this process; CUDA: not counted in max_allocated
 
@@ -223,7 +225,18 @@ def _adapted_linears_per_layer(model) -> tuple[int, float]:
     return (len(ranks) / layers, (sum(ranks) / len(ranks)) if ranks else 0.0)
 
 
-def activation_bytes(cfg, mconf, model, method: str, tokens: int, seq_len: int, act_bytes: int) -> dict:
+def targets_only_logits(cfg, mconf, method: str, strategy: str) -> bool:
+    """Whether the run computes logits at the target positions only (train/objectives.py)."""
+    from .adapters import PROMPT_METHODS
+    from .train.objectives import TARGETS_ONLY_MODELS
+
+    return (str(cfg.trainer.get("logits", "all")) == "targets" and cfg.objective == "sft" and strategy == "single"
+            and getattr(mconf, "model_type", None) in TARGETS_ONLY_MODELS and method not in PROMPT_METHODS
+            and not getattr(mconf, "final_logit_softcapping", None) and not getattr(mconf, "logits_scaling", None))
+
+
+def activation_bytes(cfg, mconf, model, method: str, tokens: int, seq_len: int, act_bytes: int,
+                     targets_only: bool = False) -> dict:
     """Autograd's saved tensors for one micro-batch of ``tokens`` tokens, and the logits' peak."""
     d = _dims(mconf)
     h, i, kv, L = d["h"], d["i"], d["kv"], d["layers"]
@@ -242,8 +255,11 @@ def activation_bytes(cfg, mconf, model, method: str, tokens: int, seq_len: int, 
         layers = L * h + per_layer  # each layer's input, and one layer recomputed during the backward pass
     else:
         layers = L * per_layer
+    from .train.objectives import TARGET_CHUNK
+
+    logit_rows = min(tokens, TARGET_CHUNK) if targets_only else tokens
     return {"layers": int(layers * tokens * act_bytes),
-            "logits": int(tokens * d["vocab"] * (act_bytes + 8))}
+            "logits": int(logit_rows * d["vocab"] * (act_bytes + 8))}
 
 
 def runtime_bytes() -> int:
@@ -314,7 +330,8 @@ def estimate(cfg, pcfg: PlanConfig) -> dict:
     if mixed is None:
         mixed = 2 if (device_type == "cuda" and str(cfg.precision.name) == "auto") else \
             (params[0].element_size() if params else 4)
-    act = activation_bytes(cfg, mconf, model, applied, tokens, seq, mixed)
+    act = activation_bytes(cfg, mconf, model, applied, tokens, seq, mixed,
+                           targets_only=targets_only_logits(cfg, mconf, applied, strategy))
     d = _dims(mconf)
     layer_w = wb["total"] / max(1, d["layers"]) if d["layers"] else 0
     parts = {"weights": wb["total"], "gradients": sum(p.numel() * p.element_size() for p in trainable),
