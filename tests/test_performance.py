@@ -20,6 +20,10 @@ def _model(tiny_model_path, method="lora"):
         return get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     if method == "full":
         return base
+    if method == "adalora":
+        from peft import AdaLoraConfig
+
+        return get_peft_model(base, AdaLoraConfig(r=4, target_modules="all-linear", total_step=10))
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
     for n, p in model.named_parameters():  # LoRA B starts at zero: give it values so every gradient is non-zero
         if "lora_B" in n:
@@ -76,6 +80,7 @@ def test_sft_objective_uses_the_targets_only_path_and_validates_the_same(tiny_mo
 
 def test_prompt_learning_and_other_heads_keep_the_full_forward(tiny_model_path):
     assert targets_only_parts(_model(tiny_model_path, "prompt_tuning")) is None
+    assert targets_only_parts(_model(tiny_model_path, "adalora")) is None  # its forward adds a regulariser
     model = _model(tiny_model_path, "full")
     model.config.final_logit_softcapping = 30.0
     assert targets_only_parts(model) is None

@@ -231,7 +231,7 @@ def targets_only_logits(cfg, mconf, method: str, strategy: str) -> bool:
     from .train.objectives import TARGETS_ONLY_MODELS
 
     return (str(cfg.trainer.get("logits", "all")) == "targets" and cfg.objective == "sft" and strategy == "single"
-            and getattr(mconf, "model_type", None) in TARGETS_ONLY_MODELS and method not in PROMPT_METHODS
+            and getattr(mconf, "model_type", None) in TARGETS_ONLY_MODELS and method not in (*PROMPT_METHODS, "adalora")
             and not getattr(mconf, "final_logit_softcapping", None) and not getattr(mconf, "logits_scaling", None))
 
 

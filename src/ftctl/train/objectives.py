@@ -149,12 +149,13 @@ class StepStats:
                 f"{prefix}margin": round((self.chosen - self.rejected) / n, 6), f"{prefix}accuracy": round(self.correct / n, 6)}
 
 
-# ----------------------------------------------------------------------------- objectives
 # ----------------------------------------------------------------------------- logits at the targets only
 # model types whose causal-LM loss is exactly cross-entropy over lm_head(final hidden state): no logit
 # scaling or soft-capping between the two (Gemma 2, Granite, Cohere have some and keep the full forward)
 TARGETS_ONLY_MODELS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3")
 TARGET_CHUNK = 1024  # target positions per chunk of the output head: at most [1024, vocab] logits at once
+# peft methods whose model-level forward adds to the loss (AdaLoRA's orthogonal regularisation): they keep it
+OWN_FORWARD_PEFT = ("ADALORA",)
 
 
 def targets_only_parts(model):
@@ -163,7 +164,8 @@ def targets_only_parts(model):
     alone; None where the model's own forward must run (prompt-learning adapters, other heads)."""
     lm = model
     if hasattr(lm, "peft_config") and hasattr(lm, "get_base_model"):
-        if getattr(lm, "active_peft_config", None) is None or lm.active_peft_config.is_prompt_learning:
+        peft_cfg = getattr(lm, "active_peft_config", None)
+        if peft_cfg is None or peft_cfg.is_prompt_learning or str(peft_cfg.peft_type).split(".")[-1] in OWN_FORWARD_PEFT:
             return None
         lm = lm.get_base_model()
     cfg = getattr(lm, "config", None)
@@ -203,6 +205,7 @@ def targets_only_loss(decoder, head, batch, n_items, chunk: int = TARGET_CHUNK):
     return total / n_items
 
 
+# ----------------------------------------------------------------------------- objectives
 class SFT:
     """Next-token cross-entropy on the labelled tokens, normalised by the target tokens of the whole step.
     ``targets_only``: (decoder, head, autocast context) to compute logits only at the target positions
