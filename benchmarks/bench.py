@@ -80,6 +80,12 @@ def spread(values: list[float]) -> str:
 
 
 # ----------------------------------------------------------------------------- data
+def chat_row(r: dict) -> dict:
+    """A DialogSum row as chat prompt/completion messages (both tools read this format)."""
+    return {"prompt": [{"role": "user", "content": PROMPT.format(dialogue=r["dialogue"])}],
+            "completion": [{"role": "assistant", "content": r["summary1"]}]}
+
+
 def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -92,9 +98,7 @@ def prepare_data(root: Path, rows: int, tokenizer) -> dict:
         raise SystemExit(f"bench: {DIALOGSUM} not found: the benchmark needs the shared DialogSum data")
     train, held, lengths = [], [], []
     for line in DIALOGSUM.read_text().splitlines():
-        r = json.loads(line)
-        row = {"prompt": [{"role": "user", "content": PROMPT.format(dialogue=r["dialogue"])}],
-               "completion": [{"role": "assistant", "content": r["summary1"]}]}
+        row = chat_row(json.loads(line))
         n = len(chat_ids(tokenizer, row["prompt"] + row["completion"]))
         if n > MAX_LEN - 8:  # leave room for an EOS a tool may add
             continue
@@ -132,12 +136,14 @@ def _FTCTL_BASE(data: dict, out: Path) -> list[str]:
 
 
 def run_ftctl(data: dict, out: Path, extra: list[str]) -> dict:
-    res = run_measured([str(VENV_BIN / "ftctl"), "train", *ftctl_train_args(data, out, extra)],
-                       env=thread_env({"OMP_NUM_THREADS": str(CORES)}), log=out.parent / f"{out.name}.log")
+    from ftctl.runs import read_metrics
+
+    res = run_measured([str(VENV_BIN / "ftctl"), "train", *ftctl_train_args(data, out, extra)], env=thread_env(),
+                       log=out.parent / f"{out.name}.log")
     man = json.loads((out / "manifest.json").read_text())
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    losses = [r["loss"] for r in rows if "loss" in r]
-    return {**res, "train_s": man["train_time_s"], "tokens": rows[-1]["tokens"], "steps": man["total_steps"], "train_loss": losses, "adapter": str(out / "adapter")}
+    steps = [r for r in read_metrics(out) if "loss" in r]
+    return {**res, "train_s": man["train_time_s"], "tokens": steps[-1]["tokens"], "steps": man["total_steps"],
+            "train_loss": [r["loss"] for r in steps], "adapter": str(out / "adapter")}
 
 
 def run_trl(data: dict, model_dir: str, out: Path, checkpointing: bool, precision: str) -> dict:
@@ -241,11 +247,7 @@ def data_prep(data: dict, repeats: int = 3) -> dict:
 
     tok = models.load_tokenizer(models.resolve("builtin:smollm2_135m"))
     full = Path(data["dir"]).parent / "prep.jsonl"  # every DialogSum row, as chat
-    rows = []
-    for line in DIALOGSUM.read_text().splitlines():
-        r = json.loads(line)
-        rows.append({"prompt": [{"role": "user", "content": PROMPT.format(dialogue=r["dialogue"])}],
-                     "completion": [{"role": "assistant", "content": r["summary1"]}]})
+    rows = [chat_row(json.loads(line)) for line in DIALOGSUM.read_text().splitlines()]
     full.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = {}
     for label, cache in (("cold (tokenize)", False), ("cached", True)):

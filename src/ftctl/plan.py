@@ -228,11 +228,10 @@ def _adapted_linears_per_layer(model) -> tuple[int, float]:
 def targets_only_logits(cfg, mconf, method: str, strategy: str) -> bool:
     """Whether the run computes logits at the target positions only (train/objectives.py)."""
     from .adapters import PROMPT_METHODS
-    from .train.objectives import TARGETS_ONLY_MODELS
+    from .train.objectives import targets_only_model_config
 
     return (str(cfg.trainer.get("logits", "all")) == "targets" and cfg.objective == "sft" and strategy == "single"
-            and getattr(mconf, "model_type", None) in TARGETS_ONLY_MODELS and method not in (*PROMPT_METHODS, "adalora")
-            and not getattr(mconf, "final_logit_softcapping", None) and not getattr(mconf, "logits_scaling", None))
+            and method not in (*PROMPT_METHODS, "adalora") and targets_only_model_config(mconf))
 
 
 def activation_bytes(cfg, mconf, model, method: str, tokens: int, seq_len: int, act_bytes: int,

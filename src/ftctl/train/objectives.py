@@ -158,6 +158,13 @@ TARGET_CHUNK = 1024  # target positions per chunk of the output head: at most [1
 OWN_FORWARD_PEFT = ("ADALORA",)
 
 
+def targets_only_model_config(config) -> bool:
+    """Whether a transformers config's causal-LM loss is plain cross-entropy over lm_head(hidden)."""
+    return (config is not None and getattr(config, "model_type", None) in TARGETS_ONLY_MODELS
+            and not getattr(config, "is_encoder_decoder", False)
+            and not getattr(config, "final_logit_softcapping", None) and not getattr(config, "logits_scaling", None))
+
+
 def targets_only_parts(model):
     """(decoder, output head) of ``model`` (a causal LM, or a peft model around one that injects its
     layers in place) when the loss may be computed from the final hidden states at the target positions
@@ -168,10 +175,7 @@ def targets_only_parts(model):
         if peft_cfg is None or peft_cfg.is_prompt_learning or str(peft_cfg.peft_type).split(".")[-1] in OWN_FORWARD_PEFT:
             return None
         lm = lm.get_base_model()
-    cfg = getattr(lm, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) not in TARGETS_ONLY_MODELS or cfg.is_encoder_decoder:
-        return None
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logits_scaling", None):
+    if not targets_only_model_config(getattr(lm, "config", None)):
         return None
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     if decoder is None or head is None or decoder is lm:
