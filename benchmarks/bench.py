@@ -136,7 +136,7 @@ def _FTCTL_BASE(data: dict, out: Path) -> list[str]:
 
 
 def run_ftctl(data: dict, out: Path, extra: list[str]) -> dict:
-    from ftctl.runs import read_metrics
+    from ftctl.rundir import read_metrics
 
     res = run_measured([str(VENV_BIN / "ftctl"), "train", *ftctl_train_args(data, out, extra)], env=thread_env(),
                        log=out.parent / f"{out.name}.log")
@@ -240,8 +240,8 @@ def startup(repeats: int = 5) -> dict:
 
 def data_prep(data: dict, repeats: int = 3) -> dict:
     """Rows/s from the file to training-ready (tokenized, masked, batched) examples, cold and cached."""
-    from ftctl import models
-    from ftctl.config import compose
+    from ftctl.models import load as models
+    from ftctl.config.compose import compose
     from ftctl.data import pipeline
     from ftctl.data.tokenize import collate
 
@@ -291,7 +291,7 @@ def generation(model_dir: str, data: dict, n: int = 16, max_new_tokens: int = 32
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftctl import models
+    from ftctl.models import load as models
     from ftctl.evaluate.generate import generate
 
     torch.set_num_threads(CORES)
@@ -373,7 +373,7 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from ftctl import models
+    from ftctl.models import load as models
 
     model_dir = str(models.resolve("builtin:smollm2_135m"))
     tok = models.load_tokenizer(Path(model_dir))

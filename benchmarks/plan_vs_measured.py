@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
     from omegaconf import OmegaConf
     from rich.console import Console
 
-    from ftctl import plan
+    from ftctl.experiments import plan
 
     if argv[:1] == ["--train"]:
         root = Path(argv[1] if len(argv) > 1 else "outputs/plan-check")

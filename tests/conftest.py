@@ -23,20 +23,20 @@ def run_cli(*args, env=None, cwd=None, timeout=600):
 def tiny_model_path():
     """Materialise the built-in models once, before any test, so that CLI tests in subprocesses do not
     each print the one-time conversion of the embedded model (which also makes tiny_llama's tokenizer)."""
-    from ftctl import models
+    from ftctl.models import load as models
 
     return models.resolve("builtin:tiny_llama")
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_path):
-    from ftctl.models import load_tokenizer
+    from ftctl.models.load import load_tokenizer
 
     return load_tokenizer(tiny_model_path)
 
 
 def compose(*overrides):
-    from ftctl.config import compose as _compose
+    from ftctl.config.compose import compose as _compose
 
     return _compose("train", list(overrides))
 

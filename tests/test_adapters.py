@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import compose, run_cli
 
-from ftctl.registry import ADAPTERS
-from ftctl.runs import read_metrics
+from ftctl.core.registry import ADAPTERS
+from ftctl.rundir import read_metrics
 from ftctl.train import runner
 
 # 16 rows, batch 4: 4 steps an epoch; the second epoch revisits the rows of the first
@@ -107,13 +107,13 @@ def test_method_trains_only_its_parameters_and_reloads_exactly(tmp_path, monkeyp
     # reload the saved result the way `ftctl eval` does, and compare logits on held-out rows
     from ftctl.data import pipeline
     from ftctl.data.tokenize import collate
-    from ftctl.evaluate.run import _load_models
-    from ftctl.models import load_tokenizer
+    from ftctl.evaluate.run import load_models
+    from ftctl.models.load import load_tokenizer
 
     tok = load_tokenizer(man["model_path"])
     batch = collate(pipeline.build(cfg, tok).validation.examples[:3], tok.pad_token_id)
     want = _logits(trained, batch)
-    _, tuned = _load_models(out, man, cfg, torch.device("cpu"))
+    _, tuned = load_models(out, man, cfg, torch.device("cpu"))
     got = _logits(tuned(), batch)
     if method in ("pissa", "olora"):
         # saved as plain LoRA of rank 2r against the original base (the run trained against the residual base)
@@ -132,7 +132,7 @@ def test_lora_plus_gives_the_b_matrices_a_larger_learning_rate(tmp_path):
     from ftctl.train.optim import make_optimizer
 
     cfg, _ = compose(*BASE, "peft=loraplus", "peft.loraplus_lr_ratio=8", "trainer.lr=1e-3")
-    from ftctl import models
+    from ftctl.models import load as models
 
     model = models.load_model(models.resolve(cfg.model.path), cfg.model, cfg.quant, torch.device("cpu"))
     model = ADAPTERS.get("loraplus")(model, cfg.peft)
@@ -166,7 +166,7 @@ def test_four_bit_linear_weights_take_a_quarter_of_their_16_bit_bytes():
     """The quantized linear layers' storage (packed weights + absmax scales) against bfloat16 weights."""
     import bitsandbytes as bnb
 
-    from ftctl import models
+    from ftctl.models import load as models
 
     cfg, _ = compose("model=tiny_llama", "quant=nf4", "quant.double_quant=false")
     model = models.load_model(models.resolve(cfg.model.path), cfg.model, cfg.quant, torch.device("cpu"))
@@ -236,7 +236,7 @@ def test_method_config_errors_are_one_line(tmp_path, overrides, message):
 
 
 def test_per_layer_patterns_and_layers_to_transform(tmp_path):
-    from ftctl import models
+    from ftctl.models import load as models
 
     cfg, _ = compose("model=tiny_llama", r"peft.target_modules='.*layers\.1\.self_attn\.(q|v)_proj'")
     model = models.load_model(models.resolve(cfg.model.path), cfg.model, cfg.quant, torch.device("cpu"))
@@ -255,7 +255,7 @@ def test_loftq_init_shrinks_each_layers_quantization_error():
     import bitsandbytes as bnb
     from safetensors.torch import load_file
 
-    from ftctl import models
+    from ftctl.models import load as models
 
     cfg, _ = compose("model=tiny_llama", "quant=nf4", "peft=loftq", "peft.r=8", "peft.alpha=32")
     path = models.resolve(cfg.model.path)
@@ -274,7 +274,7 @@ def test_loftq_init_shrinks_each_layers_quantization_error():
 
 
 def test_cli_methods_lists_every_method_with_its_config_file():
-    from ftctl.paths import config_dir
+    from ftctl.core.paths import config_dir
 
     r = run_cli("methods")
     assert r.returncode == 0, r.stderr

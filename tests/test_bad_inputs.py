@@ -130,7 +130,7 @@ def test_pickled_code_in_a_checkpoint_is_not_run(tmp_path):
     # rewrite the sizes and checksums so the checkpoint looks complete: only the loader can refuse it
     meta = json.loads((ck / "checkpoint.json").read_text())
     meta["files"]["optimizer.pt"] = {"bytes": (ck / "optimizer.pt").stat().st_size,
-                                     "sha256": checkpoint._sha256(ck / "optimizer.pt")}
+                                     "sha256": checkpoint.sha256_file(ck / "optimizer.pt")}
     (ck / "checkpoint.json").write_text(json.dumps(meta))
     r = run_cli("train", *TINY, "trainer.max_steps=2", f"output_dir={tmp_path / 'next'}", f"resume={ck}")
     line = _one_line(r)
@@ -155,7 +155,7 @@ def test_eval_names_cannot_leave_the_run_directory(tmp_path):
 
 def test_jinja_templates_render_sandboxed():
     from ftctl.data.jinja import render
-    from ftctl.errors import DataError
+    from ftctl.core.errors import DataError
 
     assert render("Summarize: {{ dialogue }}", {"dialogue": "#Person1#: hi"}) == "Summarize: #Person1#: hi"
     # row fields named like render's own parameters are plain values
@@ -170,7 +170,7 @@ def test_jinja_templates_render_sandboxed():
 
 
 def test_adapter_on_the_wrong_base_is_refused(tmp_path):
-    from ftctl import models
+    from ftctl.models import load as models
 
     cfg, choices = compose(*TINY, "trainer.max_steps=1", f"output_dir={tmp_path / 'run'}")
     out = train(cfg, choices)

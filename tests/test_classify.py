@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import SHARED_DATA, compose, run_cli
 
-from ftctl.classify import (Objective, balance, build_data, collate, features_predict, save_features, scores)
-from ftctl.errors import ConfigError
+from ftctl.tasks.classify import Objective, balance, build_data, collate, features_predict, save_features, scores
+from ftctl.core.errors import ConfigError
 from ftctl.train.runner import train
 
 SMS = SHARED_DATA / "sms_spam" / "sms_spam.csv"
@@ -42,7 +42,7 @@ def _manifest(out):
 
 
 def test_split_is_the_generate_split_70_10_20(tmp_path, tokenizer):
-    from ftctl import models
+    from ftctl.models import load as models
     from ftctl.data.pipeline import split_indices
 
     cfg, _ = _cfg(tmp_path)
@@ -66,7 +66,7 @@ def test_split_is_the_generate_split_70_10_20(tmp_path, tokenizer):
 
 @pytest.mark.skipif(not SMS.is_file(), reason=f"{SMS} is absent (the shared datasets live in ../shared/data)")
 def test_sms_spam_split_counts(tmp_path):
-    from ftctl import models
+    from ftctl.models import load as models
 
     cfg, _ = compose("recipe=sms_spam_classify", f"data.path={SMS}")
     b = build_data(cfg, models.load_tokenizer(models.resolve("builtin:minilm_l6")))
@@ -140,7 +140,7 @@ def _expected_trainable(strategy: str) -> int:
     """Parameters each strategy trains, counted on a fresh tiny BERT classifier (2 blocks, width 32)."""
     from transformers import AutoModelForSequenceClassification
 
-    from ftctl import models
+    from ftctl.models import load as models
 
     m = AutoModelForSequenceClassification.from_pretrained(models.resolve("builtin:tiny_bert"), num_labels=2)
 
@@ -208,11 +208,11 @@ def test_eval_cli_scores_a_classifier_as_the_manifest_says(lora_run):
 def test_merge_a_lora_classifier(lora_run):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ftctl.classify import load_classifier, predict
+    from ftctl.tasks.classify import load_classifier, predict
 
     from rich.console import Console
 
-    from ftctl.merge import MergeConfig, merge
+    from ftctl.post.merge import MergeConfig, merge
 
     merge(MergeConfig(run=str(lora_run)), Console())
     merged = AutoModelForSequenceClassification.from_pretrained(lora_run / "merged")
@@ -262,8 +262,8 @@ def test_generate_task_refuses_classify_only_settings():
 
 
 def test_unknown_label_is_a_bad_row(tmp_path):
-    from ftctl import models
-    from ftctl.errors import DataError
+    from ftctl.models import load as models
+    from ftctl.core.errors import DataError
 
     tok = models.load_tokenizer(models.resolve("builtin:tiny_bert"))
     cfg, _ = _cfg(tmp_path, "classify.labels=[ham,junk]")

@@ -4,7 +4,7 @@ import textwrap
 import pytest
 from conftest import compose, run_cli
 
-from ftctl.errors import ConfigError
+from ftctl.core.errors import ConfigError
 
 
 def test_recipe_picks_group_options_and_values():

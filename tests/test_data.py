@@ -8,10 +8,10 @@ from conftest import compose, write_jsonl
 
 from ftctl.data import pipeline
 from ftctl.data.builtin import demo_dates
-from ftctl.data.preview import marked, runs
+from ftctl.experiments.preview import marked, runs
 from ftctl.data.templates import Context, alpaca, chat, completion, flan, parse_transcript, pick, preference
 from ftctl.data.tokenize import IGNORE_INDEX, collate, encode, encode_pair, pack, packed_row
-from ftctl.errors import DataError
+from ftctl.core.errors import DataError
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 
@@ -317,7 +317,7 @@ def test_tokenization_cache_is_reused_and_invalidated(tmp_path, cache, tokenizer
     g = write_jsonl(tmp_path / "c.jsonl", [{"prompt": r["instruction"], "completion": r["output"]} for r in ROWS])
     assert pipeline.build(_cfg(tmp_path, g, template="completion"), tokenizer).cache_misses == 1
     assert pipeline.build(_cfg(tmp_path, g, template="completion"), tokenizer).cache_hits == 1
-    from ftctl.models import load_tokenizer
+    from ftctl.models.load import load_tokenizer
 
     other = load_tokenizer(tiny_model_path)
     other.add_tokens(["<new-token>"])
@@ -456,7 +456,7 @@ def test_mixed_sources_report_their_own_counts(tmp_path, cache, tokenizer):
 
 
 def test_template_config_errors_are_config_errors():
-    from ftctl.errors import ConfigError
+    from ftctl.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"template.phrasings\[0\]: no '\|\|\|'"):
         compose("template=flan_summarize", "template.phrasings=[just a prompt]")

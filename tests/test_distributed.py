@@ -14,8 +14,8 @@ import pytest
 from conftest import ROOT, compose, run_cli, write_jsonl
 from safetensors.torch import load_file
 
-from ftctl.errors import ConfigError, RunDirError
-from ftctl.runs import read_metrics
+from ftctl.core.errors import ConfigError, RunDirError
+from ftctl.rundir import read_metrics
 from ftctl.train import distributed
 from ftctl.train.runner import train
 
@@ -81,7 +81,7 @@ def test_dry_run_prints_the_readme_command():
 
 
 def test_command_and_worker_environment():
-    from ftctl import launch
+    from ftctl.train import launch
 
     cfg, _ = compose(*TINY, "distributed=zero2", "launcher.nproc_per_node=2", "output_dir=/tmp/x")
     cmd = launch.command(cfg, Path("/tmp/x/launch/config.yaml"))

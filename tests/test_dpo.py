@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import compose
 
-from ftctl.runs import read_metrics
-from ftctl.train.objectives import bradley_terry_losses, preference_losses, sequence_logps
+from ftctl.rundir import read_metrics
+from ftctl.objectives.losses import bradley_terry_losses, preference_losses, sequence_logps
 from ftctl.train.runner import train
 
 trl = pytest.importorskip("trl", reason="TRL is the reference implementation (pip install -e '.[test]')")
@@ -156,7 +156,7 @@ def test_dpo_run_on_tiny_llama_learns_the_preference(tmp_path):
 def test_reference_by_disabled_adapter_equals_the_base_model(tmp_path):
     """The online reference (adapter disabled) gives the base model's log-probabilities, and precomputed
     references reproduce the same first-step loss."""
-    from ftctl import models
+    from ftctl.models import load as models
     from ftctl.data import pipeline
     from ftctl.evaluate.run import pair_scores
 
@@ -198,7 +198,7 @@ def test_reward_model_run_and_eval(tmp_path):
 
 
 def test_preference_objective_refuses_single_examples(tmp_path):
-    from ftctl.errors import ConfigError
+    from ftctl.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="objective=dpo needs preference pairs"):
         train(*compose("model=tiny_llama", "data.limit=20", "objective=dpo", f"output_dir={tmp_path / 'x'}"))
@@ -210,7 +210,7 @@ def test_two_stage_sft_then_dpo_continues_the_adapter(tmp_path):
     so the first DPO step sits exactly at log 2, and the adapter keeps training from where SFT left it."""
     from safetensors.torch import load_file
 
-    from ftctl.errors import ConfigError
+    from ftctl.core.errors import ConfigError
 
     sft = train(*compose(*TINY, "trainer.max_steps=4", "trainer.lr=1e-2", "trainer.eval_every=0",
                          f"output_dir={tmp_path / 'sft'}"))
@@ -234,7 +234,7 @@ def test_two_stage_sft_then_dpo_continues_the_adapter(tmp_path):
     ("dpo.beta=0", "dpo.beta=0.0 must be > 0"),
 ])
 def test_bad_preference_settings_are_one_line_errors(override, message):
-    from ftctl.errors import ConfigError
+    from ftctl.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         compose(*TINY, override)
@@ -242,7 +242,7 @@ def test_bad_preference_settings_are_one_line_errors(override, message):
 
 def test_pair_credit_counts_float_noise_as_a_tie():
     from ftctl.evaluate.run import reward_accuracy
-    from ftctl.train.objectives import StepStats, pair_credit
+    from ftctl.objectives.losses import StepStats, pair_credit
 
     assert [pair_credit(m) for m in (0.3, -0.3, 0.0, 3e-6, -3e-6)] == [1.0, 0.0, 0.5, 0.5, 0.5]
     stats = StepStats()

@@ -52,8 +52,8 @@ def _console():
 def test_merge_matches_the_adapter_and_reloads_with_plain_transformers(tmp_path, lora_run, merged, method, extra):
     from transformers import AutoModelForCausalLM
 
-    from ftctl.errors import RunDirError
-    from ftctl.merge import MergeConfig, merge
+    from ftctl.core.errors import RunDirError
+    from ftctl.post.merge import MergeConfig, merge
 
     run, out = lora_run, merged
     if method != "lora":
@@ -102,7 +102,7 @@ def test_merge_refuses_prompt_tuning_and_full_runs(tmp_path, lora_run):
 def test_quantize_writes_a_folder_that_reloads_and_generates(tmp_path, merged, method):
     from transformers import AutoModelForCausalLM
 
-    from ftctl.quantize import QuantizeConfig, quantize
+    from ftctl.post.quantize import QuantizeConfig, quantize
 
     out = tmp_path / method
     console = _console()
@@ -135,7 +135,7 @@ def test_bitdelta_stores_signs_and_scales_and_rebuilds_the_model(tmp_path, merge
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from ftctl.quantize import load_bitdelta
+    from ftctl.models.bitdelta import load_bitdelta
 
     base_path = json.loads((lora_run / "manifest.json").read_text())["model_path"]
     out = tmp_path / "bd"

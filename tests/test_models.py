@@ -4,8 +4,8 @@ import json
 import pytest
 from conftest import run_cli
 
-from ftctl import models
-from ftctl.errors import ModelNotFoundError
+from ftctl.models import load as models
+from ftctl.core.errors import ModelNotFoundError
 
 
 def test_local_folder_and_missing_folder(tmp_path, tiny_model_path):
@@ -33,7 +33,7 @@ def _fake_hub_cache(root, repo_id, files):
 def test_hub_id_resolves_from_local_cache_offline(tmp_path, tiny_model_path):
     snap = _fake_hub_cache(tmp_path / "hub", "someorg/tiny-model",
                            {f.name: f for f in tiny_model_path.iterdir() if f.is_file()})
-    code = ("from ftctl import models; from ftctl.models import load_tokenizer; "
+    code = ("from ftctl.models import load as models; from ftctl.models.load import load_tokenizer; "
             "p = models.resolve('someorg/tiny-model'); print(p); load_tokenizer(p)")
     import subprocess
     import sys

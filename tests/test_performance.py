@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ftctl.data.tokenize import IGNORE_INDEX, collate, packed_row
-from ftctl.train.objectives import SFT, targets_only_loss, targets_only_parts
-from ftctl.train.runner import batch_indices
+from ftctl.objectives.losses import SFT, targets_only_loss, targets_only_parts
+from ftctl.data.batches import batch_indices
 
 
 def _model(tiny_model_path, method="lora"):
@@ -92,7 +92,7 @@ def test_prompt_learning_and_other_heads_keep_the_full_forward(tiny_model_path):
 def test_trainer_logits_is_checked(tmp_path):
     from conftest import compose
 
-    from ftctl.errors import ConfigError
+    from ftctl.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="trainer.logits='some'"):
         compose("model=tiny_llama", "trainer.logits=some")
@@ -125,7 +125,7 @@ def test_length_grouped_batches_cover_each_epoch_once_and_cut_padding():
 def test_group_by_length_is_on_for_unpacked_rows_only():
     from conftest import compose
 
-    from ftctl.train.runner import row_lengths
+    from ftctl.data.batches import row_lengths
 
     rows = [{"input_ids": [1] * 3}, {"input_ids": [1] * 7, "rejected_input_ids": [1] * 2}]
     assert row_lengths(compose("model=tiny_llama")[0], rows) == (3, 9)
@@ -138,8 +138,8 @@ def test_plan_counts_one_chunk_of_logits_with_targets_only():
     8,192 rows of logits with logits=all, one chunk of 1,024 with logits=targets (bf16: 2 + 8 bytes each)."""
     from conftest import compose
 
-    from ftctl import plan
-    from ftctl.plan import PlanConfig
+    from ftctl.experiments import plan
+    from ftctl.experiments.plan import PlanConfig
 
     common = ["recipe=qlora_llama", "model=llama3_1_8b", "trainer.batch_size=4", "data.max_length=2048"]
     fast = plan.estimate(compose(*common)[0], PlanConfig(device="cuda"))["parts"]["logits"]

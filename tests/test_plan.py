@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from conftest import compose, run_cli
-from ftctl import plan
-from ftctl.plan import PlanConfig
+from ftctl.experiments import plan
+from ftctl.experiments.plan import PlanConfig
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt_tuning", "freeze", "full", "bitfit"])
 def test_plan_counts_parameters_like_the_real_adapted_model(method):
-    from ftctl import adapters, models
-    from ftctl.registry import ADAPTERS
+    from ftctl.methods import peft as adapters
+    from ftctl.models import load as models
+    from ftctl.core.registry import ADAPTERS
 
     cfg, _ = compose("model=tiny_llama", f"peft={method}")
     est = plan.estimate(cfg, PlanConfig(device="cpu"))
@@ -30,7 +31,7 @@ def test_plan_counts_parameters_like_the_real_adapted_model(method):
 
 
 def test_plan_nf4_weight_bytes_match_bitsandbytes():
-    from ftctl import models
+    from ftctl.models import load as models
 
     cfg, _ = compose("model=tiny_llama", "quant=nf4")
     est = plan.estimate(cfg, PlanConfig(device="cpu"))
@@ -56,7 +57,7 @@ def test_plan_activation_estimate_matches_autograd_saved_tensors(mode):
     from omegaconf import OmegaConf
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ftctl.registry import ADAPTERS
+    from ftctl.core.registry import ADAPTERS
 
     method = "full" if mode == "full" else "lora"
     cfg, _ = compose("model=tiny_llama", f"peft={method}", f"peft.dropout={0.1 if mode == 'lora_dropout' else 0.0}",

@@ -6,7 +6,7 @@ import re
 import pytest
 from conftest import SHARED_DATA, compose, run_cli
 
-from ftctl.config import list_recipes
+from ftctl.config.compose import list_recipes
 
 # recipe -> the file under ../shared/data it reads (None: the built-in demo data)
 SHARED = {"dialogsum_flan": "dialogsum/dialogsum.test.jsonl", "hh_rlhf_chat": "hh_rlhf/harmless_base.jsonl.gz",
@@ -22,7 +22,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def _preview(recipe, terminal=False, n=2, extra=()):
     from rich.console import Console
 
-    from ftctl.data.preview import show
+    from ftctl.experiments.preview import show
 
     overrides = [f"recipe={recipe}", *extra]
     if SHARED.get(recipe) or OWN.get(recipe):

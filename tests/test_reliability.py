@@ -12,7 +12,7 @@ import pytest
 from conftest import compose, run_cli
 from safetensors.torch import load_file
 
-from ftctl.runs import read_metrics
+from ftctl.rundir import read_metrics
 from ftctl.train import checkpoint
 from ftctl.train.runner import train
 

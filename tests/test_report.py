@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import compose, run_cli
 
-from ftctl.errors import ConfigError
-from ftctl.runs import read_metrics
+from ftctl.core.errors import ConfigError
+from ftctl.rundir import read_metrics
 
 TINY = ["model=tiny_llama", "data.limit=32", "data.max_length=128", "trainer.batch_size=4", "trainer.log_every=1",
         "trainer.warmup_steps=0"]
@@ -101,7 +101,7 @@ def test_resume_continues_the_same_mlflow_run(tracked_run, tmp_path, mlflow_at):
     import mlflow
     from accelerate import Accelerator
 
-    from ftctl import tracking
+    from ftctl.train import tracking
 
     for f in ("mlflow.db", "tracking.json"):
         shutil.copy(tracked_run / f, tmp_path / f)
@@ -281,7 +281,7 @@ def test_tracker_config_errors(monkeypatch):
     with pytest.raises(ConfigError, match="wandb_mode='sometimes' is not allowed"):
         compose("model=tiny_llama", "logging.wandb_mode=sometimes")
     cfg, _ = compose("model=tiny_llama", "logging.report_to=tensorboard")  # a bare name
-    from ftctl.tracking import names
+    from ftctl.config.checks import names
 
     assert names(cfg) == ["tensorboard"]
     import importlib.util
@@ -293,7 +293,7 @@ def test_tracker_config_errors(monkeypatch):
 
 
 def test_wandb_auto_mode_is_offline_without_an_api_key(tmp_path, monkeypatch):
-    from ftctl.tracking import _wandb_mode
+    from ftctl.train.tracking import _wandb_mode
 
     cfg, _ = compose("model=tiny_llama")
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
@@ -317,8 +317,8 @@ def test_a_failing_tracker_is_a_warning_not_a_failed_run(tmp_path, monkeypatch):
     from accelerate import Accelerator
     from rich.console import Console
 
-    from ftctl._trackers import TensorBoard
-    from ftctl.tracking import Trackers
+    from ftctl.train.trackers import TensorBoard
+    from ftctl.train.tracking import Trackers
 
     class Broken(TensorBoard):
         def log(self, values, step=None, **kw):

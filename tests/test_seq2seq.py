@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import compose
 
-from ftctl.errors import ConfigError
+from ftctl.core.errors import ConfigError
 
 T5 = ["model=tiny_t5", "peft.target_modules=[q,v]", "data.limit=40", "data.max_length=128", "trainer.batch_size=4",
       "trainer.log_every=1", "trainer.eval_every=0", "trainer.warmup_steps=0"]
@@ -14,13 +14,13 @@ T5 = ["model=tiny_t5", "peft.target_modules=[q,v]", "data.limit=40", "data.max_l
 
 @pytest.fixture(scope="module")
 def t5_path():
-    from ftctl import models
+    from ftctl.models import load as models
 
     return models.resolve("builtin:tiny_t5")
 
 
 def test_source_is_the_prompt_and_labels_are_the_target(t5_path):
-    from ftctl import models
+    from ftctl.models import load as models
     from ftctl.data.pipeline import build
 
     tok = models.load_tokenizer(t5_path)
@@ -38,9 +38,9 @@ def test_source_is_the_prompt_and_labels_are_the_target(t5_path):
 def test_loss_is_t5s_own_cross_entropy(t5_path):
     from transformers import AutoModelForSeq2SeqLM
 
-    from ftctl import models
+    from ftctl.models import load as models
     from ftctl.data.pipeline import build
-    from ftctl.train.objectives import Seq2SeqSFT
+    from ftctl.objectives.losses import Seq2SeqSFT
 
     tok = models.load_tokenizer(t5_path)
     cfg, _ = compose(*T5)
@@ -63,8 +63,8 @@ def test_train_eval_merge(tmp_path, t5_path):
     from transformers import AutoModelForSeq2SeqLM
 
     from ftctl.evaluate.run import EvalConfig, run_eval
-    from ftctl.merge import MergeConfig, merge
-    from ftctl.runs import read_metrics
+    from ftctl.post.merge import MergeConfig, merge
+    from ftctl.rundir import read_metrics
     from ftctl.train.runner import train
 
     cfg, choices = compose(*T5, "trainer.max_steps=12", "trainer.lr=1e-2", "trainer.scheduler=constant",

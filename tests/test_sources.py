@@ -9,7 +9,7 @@ import time
 import pytest
 
 from ftctl.data.sources import Record, read_rows, read_source, source_fingerprint
-from ftctl.errors import DataError
+from ftctl.core.errors import DataError
 
 ROWS = [
     {"instruction": "Add 2, 3", "input": "", "output": "5"},

@@ -104,8 +104,9 @@ def test_submitit_slurm_launcher_composes():
     """No cluster here: the SLURM launcher's config composes with ftctl's, with the user's settings."""
     import hydra
 
-    from ftctl.config import recipe_search_path, register_schemas
-    from ftctl.paths import config_dir
+    from ftctl.config.compose import recipe_search_path
+    from ftctl.config.schema import register_schemas
+    from ftctl.core.paths import config_dir
 
     register_schemas()
     with hydra.initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

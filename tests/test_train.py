@@ -6,10 +6,11 @@ import pytest
 from conftest import compose
 from safetensors.torch import load_file
 
-from ftctl.errors import RunDirError
-from ftctl.runs import read_metrics
+from ftctl.core.errors import RunDirError
+from ftctl.rundir import read_metrics
 from ftctl.train import checkpoint
-from ftctl.train.runner import batch_indices, train
+from ftctl.data.batches import batch_indices
+from ftctl.train.runner import train
 
 TINY = ["model=tiny_llama", "data.limit=64", "data.max_length=128", "trainer.batch_size=4",
         "trainer.log_every=1", "trainer.eval_every=0", "trainer.warmup_steps=0"]

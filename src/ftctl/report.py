@@ -26,8 +26,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
-from .errors import RunDirError
-from .runs import atomic_write_text, read_manifest, read_metrics
+from ftctl.core.errors import RunDirError
+from ftctl.core.atomic import atomic_write_text
+from ftctl.rundir import read_manifest, read_metrics
 
 log = logging.getLogger("ftctl")
 
@@ -50,7 +51,7 @@ def _num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+def split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """(training step rows, validation rows) of metrics.jsonl."""
     return [r for r in rows if "loss" in r and "step" in r], [r for r in rows if "val_loss" in r and "step" in r]
 
@@ -138,7 +139,7 @@ def _get(d: dict, dotted: str, default=None):
 
 
 # ----------------------------------------------------------------------------- figures
-def _figure(ncols: int = 1, width: float | None = None, height: float = 3.6):
+def new_figure(ncols: int = 1, width: float | None = None, height: float = 3.6):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width or (5.6 if ncols == 1 else 5.2 * ncols), height), dpi=110, layout="constrained")
@@ -173,7 +174,7 @@ def _tokens_fmt(ax, axis: str = "x"):
 
 
 def _loss_figure(train, val, with_tokens: bool = True):
-    fig, axes = _figure(2 if with_tokens else 1)
+    fig, axes = new_figure(2 if with_tokens else 1)
     for ax, x in zip(axes, ("step", "tokens")):
         xs, ys = _xy(train, "loss")
         if x == "tokens":
@@ -199,7 +200,7 @@ def _loss_figure(train, val, with_tokens: bool = True):
 
 def _lr_figure(train):
     xs, ys = _xy(train, "lr")
-    fig, (ax,) = _figure(1)
+    fig, (ax,) = new_figure(1)
     ax.plot(xs, ys, color=COLORS[2], linewidth=1.8, marker="o" if len(xs) <= 40 else None, markersize=3.5)
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
@@ -209,7 +210,7 @@ def _lr_figure(train):
 
 
 def _throughput_figure(train):
-    fig, (a, b) = _figure(2)
+    fig, (a, b) = new_figure(2)
     xs, ys = _xy(train, "tokens_per_s")
     _line(a, xs, ys, "tokens/s", COLORS[4], many_points_smooth=len(xs) >= 20)
     a.set_xlabel("step")
@@ -237,7 +238,7 @@ def _throughput_figure(train):
 
 def _grad_figure(train, clip):
     xs, ys = _xy(train, "grad_norm")
-    fig, (ax,) = _figure(1)
+    fig, (ax,) = new_figure(1)
     _line(ax, xs, ys, "gradient norm", COLORS[3])
     if _num(clip) and clip > 0:
         ax.axhline(clip, color="#555", linestyle="--", linewidth=1, label=f"clipped at {clip:g}")
@@ -249,7 +250,7 @@ def _grad_figure(train, clip):
 
 
 def _preference_figure(train, val):
-    fig, (a, b) = _figure(2)
+    fig, (a, b) = new_figure(2)
     for key, label, color in (("rewards_chosen", "reward, chosen", COLORS[2]),
                               ("rewards_rejected", "reward, rejected", COLORS[3]),
                               ("margin", "margin (chosen − rejected)", COLORS[0])):
@@ -325,7 +326,7 @@ def _eval_figure(evals):
     return fig
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         fig.savefig(tmp, format="png")
@@ -344,7 +345,7 @@ def _png(fig) -> bytes:
 def run_figures(run: Path) -> dict:
     """{name: matplotlib Figure} for what the run has data for."""
     rows = read_metrics(run)
-    train, val = _split_rows(rows)
+    train, val = split_rows(rows)
     figs = {}
     if train or val:
         figs["loss"] = _loss_figure(train, val)
@@ -377,7 +378,7 @@ def write_plots(run, figs: dict | None = None) -> list[Path]:
     written = []
     for name in PLOTS:
         if name in figs:
-            _save(figs[name], d / f"{name}.png")
+            save_figure(figs[name], d / f"{name}.png")
             written.append(d / f"{name}.png")
     return written
 
@@ -474,7 +475,7 @@ def _img(png: bytes, alt: str) -> str:
 
 def _page(title: str, body: str) -> str:
     stamp = datetime.now().strftime("%Y-%m-%d %H:%M")
-    from . import __version__
+    from ftctl import __version__
 
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
@@ -605,7 +606,7 @@ def run_report_html(run: Path, examples: int = 5, figs: dict | None = None) -> s
     run = Path(run)
     man = read_manifest(run) or {}
     cfg = _config(run)
-    train, val = _split_rows(read_metrics(run))
+    train, val = split_rows(read_metrics(run))
     figs = run_figures(run) if figs is None else figs
     title = f"ftctl run {run.name}"
     body = [f"<h1>{_e(cfg.get('description') or title)}</h1>",
@@ -649,7 +650,7 @@ def find_trials(folder: Path, depth: int = 3) -> list[Path]:
     return sorted(found, key=key)
 
 
-def _overrides(trial: Path) -> list[str]:
+def trial_overrides(trial: Path) -> list[str]:
     f = trial / ".hydra" / "overrides.yaml"
     if f.is_file():
         import yaml
@@ -661,11 +662,11 @@ def _overrides(trial: Path) -> list[str]:
     return []
 
 
-def _sweep_loss_figure(trials: list[dict]):
+def sweep_loss_figure(trials: list[dict]):
     """Every trial's training loss (lines) and validation loss (squares) overlaid. trials: dicts with train,
     val, label and (optionally) best. Line styles cycle with the colours so that trials with identical curves
     stay distinguishable; the loss axis is logarithmic when the loss falls tenfold."""
-    fig, (a, b) = _figure(2, height=4.0)
+    fig, (a, b) = new_figure(2, height=4.0)
     styles = ["-", (0, (4, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2))]
     for i, t in enumerate(trials):
         c, ls = COLORS[i % len(COLORS)], styles[(i // len(COLORS) + i) % len(styles)]
@@ -700,13 +701,13 @@ def sweep_report_html(folder: Path, trial_dirs: list[Path]) -> tuple[str, dict]:
     trials = []
     for d in trial_dirs:
         man = read_manifest(d) or {}
-        train, val = _split_rows(read_metrics(d))
+        train, val = split_rows(read_metrics(d))
         evals = read_evals(d)
         scores = dict(man.get("eval") or {})
         if not scores and evals:
             scores = dict(next(iter(evals[-1][1]["results"].values()), {}) or {})
         scores.pop("seconds", None)
-        trials.append({"dir": d, "man": man, "train": train, "val": val, "overrides": _overrides(d),
+        trials.append({"dir": d, "man": man, "train": train, "val": val, "overrides": trial_overrides(d),
                        "scores": {k: v for k, v in scores.items() if _num(v)}})
     # the overrides that differ between trials are what the sweep varies
     keyed = [dict(o.split("=", 1) for o in t["overrides"] if "=" in o) for t in trials]
@@ -718,7 +719,7 @@ def sweep_report_html(folder: Path, trial_dirs: list[Path]) -> tuple[str, dict]:
     metrics = list(dict.fromkeys(k for t in trials for k in t["scores"]))
     finals = [t["man"].get("final_val_loss") for t in trials]
     best = min((v for v in finals if _num(v)), default=None)
-    figs = {"sweep_loss": _sweep_loss_figure(trials)}
+    figs = {"sweep_loss": sweep_loss_figure(trials)}
     head = ("<tr><th>trial</th><th>overrides</th><th>status</th><th class=num>steps</th>"
             "<th class=num>final train loss</th><th class=num>final val loss</th>"
             + "".join(f"<th class=num>{_e(m)}</th>" for m in metrics) + "</tr>")
@@ -759,7 +760,7 @@ def sweep_report_html(folder: Path, trial_dirs: list[Path]) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------- the command
 def report(rcfg: ReportConfig, console=None) -> Path:
     """``ftctl report run=DIR``: plots/ and report.html for a run directory or a sweep folder."""
-    from .errors import ConfigError
+    from ftctl.core.errors import ConfigError
 
     if not rcfg.run:
         raise ConfigError("ftctl report needs run=<run directory or sweep folder>")
@@ -782,7 +783,7 @@ def report(rcfg: ReportConfig, console=None) -> Path:
         page, figs = sweep_report_html(target, trials)
         (target / "plots").mkdir(exist_ok=True)
         for name, fig in figs.items():
-            _save(fig, target / "plots" / f"{name}.png")
+            save_figure(fig, target / "plots" / f"{name}.png")
         what = f"{len(trials)} trials"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, page)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 
-from ..registry import DATASETS
+from ftctl.core.registry import DATASETS
 
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
           "October", "November", "December"]

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ..errors import DataError
-from ..registry import TEMPLATES
-from .templates import Context, Pair
-from .tokenize import IGNORE_INDEX, encode, encode_seq2seq, n_trained, pack, packed_row
+from ftctl.core.errors import DataError
+from ftctl.core.registry import TEMPLATES
+from ftctl.data.templates import Context, Pair
+from ftctl.data.tokenize import IGNORE_INDEX, encode, encode_seq2seq, n_trained, pack, packed_row
 
 log = logging.getLogger("ftctl")
 
@@ -90,7 +90,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _cache_root() -> Path:
-    from ..paths import cache_dir
+    from ftctl.core.paths import cache_dir
 
     return cache_dir() / "data"
 
@@ -109,7 +109,7 @@ def _lookup(row: dict, path: str):
     return value
 
 
-def _map_columns(row: dict, columns: dict) -> dict:
+def map_columns(row: dict, columns: dict) -> dict:
     if not columns:
         return row
     out = dict(row)
@@ -138,7 +138,7 @@ def _process(row: dict, tpl, ctx: Context, tokenizer, data_cfg, seq2seq: bool = 
     out = _empty()
     columns = dict(data_cfg.columns or {})
     try:
-        row = _map_columns(row, columns)
+        row = map_columns(row, columns)
         rendered = tpl(row, ctx)
     except DataError as e:
         out.update(status="bad", error=_name_mapped(e.message, columns))
@@ -190,7 +190,7 @@ def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_c
     row (bad ones marked), and whether it came from the cache."""
     import datasets
 
-    from .sources import read_source, source_fingerprint
+    from ftctl.data.sources import read_source, source_fingerprint
 
     tcfg = OmegaConf.to_container(template_cfg, resolve=True) if OmegaConf.is_config(template_cfg) else dict(template_cfg)
     uses_seed = tcfg.get("name") == "flan"

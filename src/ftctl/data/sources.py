@@ -21,8 +21,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError
-from ..registry import DATASETS
+from ftctl.core.errors import DataError
+from ftctl.core.registry import DATASETS
 
 
 @dataclass

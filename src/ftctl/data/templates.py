@@ -18,9 +18,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import DataError
-from ..registry import TEMPLATES
-from . import jinja
+from ftctl.core.errors import DataError
+from ftctl.core.registry import TEMPLATES
+from ftctl.data import jinja
 
 
 @dataclass

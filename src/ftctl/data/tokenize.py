@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import bisect
 
-from .templates import Rendered, Segment
+from ftctl.data.templates import Rendered, Segment
 
 IGNORE_INDEX = -100
 TRAIN_ON = ("completion", "all", "assistant", "last")

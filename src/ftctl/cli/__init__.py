@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from ftctl.config.compose import first_trial
+from ftctl.core.console import make_console
 
 USAGE = """\
 usage: ftctl [--debug] <command> [args]
@@ -52,19 +54,12 @@ options:
 """
 
 
-def _console():
-    from rich.console import Console
-
-    # soft_wrap: long lines are not broken at 80 columns when stdout is a file or a CI log
-    return Console(soft_wrap=True)
-
-
 def _err(msg: str) -> None:
     print(f"ftctl: error: {msg}", file=sys.stderr)
 
 
 def cmd_recipes(args: list[str]) -> int:
-    from .config import list_recipes
+    from ftctl.config.compose import list_recipes
 
     from rich.table import Table
 
@@ -73,49 +68,29 @@ def cmd_recipes(args: list[str]) -> int:
     table.add_column("description")
     for name, desc, _ in list_recipes():
         table.add_row(name, desc)
-    _console().print(table)
+    make_console().print(table)
     return 0
 
 
 def cmd_methods(args: list[str]) -> int:
     from rich.table import Table
 
-    from .adapters import describe
-    from .registry import ADAPTERS
+    from ftctl.methods.peft import describe
+    from ftctl.core.registry import ADAPTERS
 
     table = Table(show_header=True, header_style="bold")
     table.add_column("peft=")
     table.add_column("what it trains")
     for name in ADAPTERS.names():
         table.add_row(name, describe(name))
-    _console().print(table)
+    make_console().print(table)
     return 0
-
-
-def _first_of_sweeps(overrides: list[str]) -> list[str]:
-    """The first trial of a sweep, for validating it before any trial starts."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    out = []
-    for o, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
-        if parsed.is_sweep_override():
-            from hydra.core.override_parser.types import IntervalSweep
-
-            value = parsed.value()
-            if isinstance(value, IntervalSweep):  # Optuna's interval(a, b): any value in it composes the same
-                first = str(value.start)
-            else:
-                first = next(iter(parsed.sweep_string_iterator()))
-            out.append(f"{parsed.get_key_element()}={first}")
-        else:
-            out.append(o)
-    return out
 
 
 def cmd_train(args: list[str], debug: bool) -> int:
     from omegaconf import OmegaConf
 
-    from .config import compose
+    from ftctl.config.compose import compose
 
     multirun = dry_run = False
     print_cfg = None
@@ -146,31 +121,31 @@ def cmd_train(args: list[str], debug: bool) -> int:
         from hydra.errors import HydraException
 
         try:
-            compose("train", _first_of_sweeps(overrides))  # one clear line for a bad key, before any trial
+            compose("train", first_trial(overrides))  # one clear line for a bad key, before any trial
         except HydraException as e:
-            from .errors import ConfigError
+            from ftctl.core.errors import ConfigError
 
             raise ConfigError(str(e).splitlines()[0]) from e
-        from .sweep import multirun as run_sweep
+        from ftctl.experiments.sweep import multirun as run_sweep
 
         return run_sweep(overrides, debug=debug)
 
-    from . import launch
+    from ftctl.train import launch
 
     cfg, choices = launch.load_config(overrides) if launch.config_file(overrides) else compose("train", overrides)
     if print_cfg == "job":
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
     if dry_run or launch.needed(cfg):  # N processes: re-run under torchrun, each worker reading the saved config
-        return launch.launch(cfg, choices, _console(), debug=debug, dry_run=dry_run)
-    from .train.runner import train
+        return launch.launch(cfg, choices, make_console(), debug=debug, dry_run=dry_run)
+    from ftctl.train.runner import train
 
-    train(cfg, choices, console=_console(), debug=debug)
+    train(cfg, choices, console=make_console(), debug=debug)
     return 0
 
 
 def cmd_eval(args: list[str]) -> int:
-    from .evaluate.run import EvalConfig, run_eval
+    from ftctl.evaluate.run import EvalConfig, run_eval
 
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
@@ -179,7 +154,7 @@ def cmd_eval(args: list[str]) -> int:
     kv, overrides = _own_keys(EvalConfig, [a for a in args if "=" in a])
     ecfg = _options(EvalConfig, kv, "eval")
     ecfg.metrics = list(ecfg.metrics) + metrics
-    run_eval(ecfg, overrides, console=_console())
+    run_eval(ecfg, overrides, console=make_console())
     return 0
 
 
@@ -202,7 +177,7 @@ def _options(cls, args: list[str], command: str):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from .errors import ConfigError
+    from ftctl.core.errors import ConfigError
 
     fields = {f.name: f for f in dataclasses.fields(cls)}
     text, other = {}, []
@@ -226,62 +201,62 @@ def _options(cls, args: list[str], command: str):
 
 
 def cmd_merge(args: list[str]) -> int:
-    from .merge import MergeConfig, merge
+    from ftctl.post.merge import MergeConfig, merge
 
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
-    merge(_options(MergeConfig, args, "merge"), _console())
+    merge(_options(MergeConfig, args, "merge"), make_console())
     return 0
 
 
 def cmd_quantize(args: list[str]) -> int:
-    from .quantize import QuantizeConfig, quantize
+    from ftctl.post.quantize import QuantizeConfig, quantize
 
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
     own, rest = _own_keys(QuantizeConfig, args)
-    quantize(_options(QuantizeConfig, own, "quantize"), rest, _console())
+    quantize(_options(QuantizeConfig, own, "quantize"), rest, make_console())
     return 0
 
 
 def cmd_generate(args: list[str], chat: bool) -> int:
-    from .chat import GenerateConfig, chat_cmd, generate_cmd
+    from ftctl.post.chat import GenerateConfig, chat_cmd, generate_cmd
 
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
     gcfg = _options(GenerateConfig, args, "chat" if chat else "generate")
-    (chat_cmd if chat else generate_cmd)(gcfg, _console())
+    (chat_cmd if chat else generate_cmd)(gcfg, make_console())
     return 0
 
 
 def cmd_report(args: list[str]) -> int:
-    from .report import ReportConfig, report
+    from ftctl.report import ReportConfig, report
 
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
     # `ftctl report DIR` works too
     args = [a if "=" in a else f"run={a}" for a in args]
-    report(_options(ReportConfig, args, "report"), _console())
+    report(_options(ReportConfig, args, "report"), make_console())
     return 0
 
 
 def cmd_plan(args: list[str]) -> int:
-    from .plan import PlanConfig, plan
+    from ftctl.experiments.plan import PlanConfig, plan
 
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
     own, rest = _own_keys(PlanConfig, args)
-    plan(_options(PlanConfig, own, "plan"), rest, _console())
+    plan(_options(PlanConfig, own, "plan"), rest, make_console())
     return 0
 
 
 def cmd_sweep(args: list[str]) -> int:
-    from .sweep import SweepReportConfig, sweep_report
+    from ftctl.experiments.sweep import SweepReportConfig, sweep_report
 
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
@@ -292,30 +267,30 @@ def cmd_sweep(args: list[str]) -> int:
     rest = [a if "=" in a else f"dir={a}" for a in args[1:]]
     opts = _options(SweepReportConfig, rest, "sweep report")
     if not opts.dir:
-        from .errors import ConfigError
+        from ftctl.core.errors import ConfigError
 
         raise ConfigError("sweep report needs the sweep folder: ftctl sweep report multirun/<recipe>/<time>")
-    sweep_report(opts.dir, opts.metric, console=_console())
+    sweep_report(opts.dir, opts.metric, console=make_console())
     return 0
 
 
 def cmd_runs(args: list[str]) -> int:
-    from .runlist import compare_runs, list_runs
+    from ftctl.experiments.runs import compare_runs, list_runs
 
     if args and args[0] in ("-h", "--help"):
         print(USAGE)
         return 0
     if args and args[0] == "compare":
-        compare_runs(args[1:], _console())
+        compare_runs(args[1:], make_console())
         return 0
-    list_runs(args, _console())
+    list_runs(args, make_console())
     return 0
 
 
 def cmd_data(args: list[str]) -> int:
-    from .config import compose
-    from .data.preview import show
-    from .errors import ConfigError
+    from ftctl.config.compose import compose
+    from ftctl.experiments.preview import show
+    from ftctl.core.errors import ConfigError
 
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
@@ -340,7 +315,7 @@ def cmd_data(args: list[str]) -> int:
         else:
             overrides.append(a)
     cfg, _ = compose("train", overrides)
-    show(cfg, _console(), n=n, split=split)
+    show(cfg, make_console(), n=n, split=split)
     return 0
 
 
@@ -354,12 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     if argv[0] == "--version":
-        from . import __version__
+        from ftctl import __version__
 
         print(f"ftctl {__version__}")
         return 0
     cmd, rest = argv[0], argv[1:]
-    from .errors import FtctlError
+    from ftctl.core.errors import FtctlError
 
     # Accelerate imports DeepSpeed whenever it is installed (2-3 s, in every process); only distributed=zero*
     # needs it, and that engine imports it itself (ftctl.train.distributed.import_deepspeed)
@@ -381,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         # bitsandbytes, on a CPU with AVX512-BF16, looks for an optional faster 4-bit kernel on the hub and
         # falls back to its own when it is not there
         logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+        # ... and, offline, the kernels package says it skips its publisher check for that kernel
+        logging.getLogger("kernels").setLevel(logging.ERROR)
 
     try:
         if cmd == "train":

@@ -102,7 +102,7 @@ def sequence_logps(logits, labels):
 # ----------------------------------------------------------------------------- batches
 def pair_collate(examples: list[dict], pad_id: int) -> dict:
     """Chosen rows then rejected rows in one right-padded batch of 2 x pairs rows."""
-    from ..data.tokenize import collate
+    from ftctl.data.tokenize import collate
 
     rows = ([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
             + [{"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples])
@@ -221,7 +221,7 @@ class SFT:
         self.targets_only = targets_only
 
     def collate(self, examples):
-        from ..data.tokenize import collate
+        from ftctl.data.tokenize import collate
 
         return collate(examples, self.pad_id)
 
@@ -259,7 +259,7 @@ class Seq2SeqSFT(SFT):
     name = "sft"
 
     def collate(self, examples):
-        from ..data.tokenize import seq2seq_collate
+        from ftctl.data.tokenize import seq2seq_collate
 
         return seq2seq_collate(examples, self.pad_id)
 

@@ -19,15 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, FtctlError
-
-# strategies that always run under torchrun (they need a process group, even of one process)
-SHARDED = ("fsdp", "zero1", "zero2", "zero3", "zero3_offload")
-DEEPSPEED = ("zero1", "zero2", "zero3", "zero3_offload")
-
-
-def world_size(cfg) -> int:
-    return int(cfg.launcher.nproc_per_node) * int(cfg.launcher.nnodes)
+from ftctl.core.errors import ConfigError, FtctlError
+from ftctl.config.checks import DEEPSPEED, SHARDED, world_size
 
 
 def is_worker() -> bool:
@@ -37,46 +30,6 @@ def is_worker() -> bool:
 
 def needed(cfg) -> bool:
     return not is_worker() and (world_size(cfg) > 1 or cfg.distributed.strategy in SHARDED)
-
-
-def check_config(cfg, where=lambda key: "") -> None:
-    """The launcher and distributed keys, checked at composition (no hardware is looked at here)."""
-    la, dist, tc = cfg.launcher, cfg.distributed, cfg.trainer
-    for key in ("nproc_per_node", "nnodes"):
-        if la[key] < 1:
-            raise ConfigError(f"{where(key)}launcher.{key}={la[key]} must be >= 1")
-    if not 0 <= la.node_rank < la.nnodes:
-        raise ConfigError(f"{where('node_rank')}launcher.node_rank={la.node_rank} must be in [0, launcher.nnodes="
-                          f"{la.nnodes})")
-    if not 0 < la.master_port < 65536:
-        raise ConfigError(f"{where('master_port')}launcher.master_port={la.master_port} must be in 1..65535")
-    world = world_size(cfg)
-    if world > 1 and dist.strategy == "single":
-        raise ConfigError(f"launcher: {world} processes need a multi-process strategy; choose distributed=ddp, fsdp, "
-                          "zero1, zero2, zero3 or zero3_offload")
-    if world > 1 and tc.batch_size % world:
-        raise ConfigError(f"{where('batch_size')}trainer.batch_size={tc.batch_size} must be divisible by the "
-                          f"{world} processes (it is the global micro-batch, split evenly across them)")
-    if la.nnodes > 1 and not cfg.output_dir:
-        raise ConfigError("launcher.nnodes > 1: set output_dir= to a folder every machine sees (the run directory "
-                          "must be the same on all of them)")
-    if dist.deepspeed_config and dist.strategy not in DEEPSPEED:
-        raise ConfigError(f"distributed.deepspeed_config needs a DeepSpeed strategy (distributed=zero1, zero2, zero3 "
-                          f"or zero3_offload), not distributed={dist.strategy}")
-    if dist.deepspeed_config and not Path(dist.deepspeed_config).expanduser().is_file():
-        raise ConfigError(f"distributed.deepspeed_config={dist.deepspeed_config}: no such file")
-    if dist.strategy in SHARDED and tc.on_nan == "skip":
-        raise ConfigError(f"trainer.on_nan=skip is not supported with distributed={dist.strategy} (the sharded "
-                          "optimizer steps inside the engine); use trainer.on_nan=stop")
-    if dist.strategy in SHARDED and cfg.precision.name == "fp8":
-        raise ConfigError(f"precision=fp8 works with distributed=single or ddp (Accelerate's FP8 recipe), not "
-                          f"distributed={dist.strategy}")
-    if dist.strategy in SHARDED and cfg.objective != "sft":
-        raise ConfigError(f"objective={cfg.objective} works with distributed=single or ddp, not "
-                          f"distributed={dist.strategy} (its reference model is not sharded)")
-    if dist.strategy in SHARDED and cfg.quant.method != "none":
-        raise ConfigError(f"quant={cfg.quant.method} (a quantized base) works with distributed=single or ddp, not "
-                          f"distributed={dist.strategy}")
 
 
 # ----------------------------------------------------------------------------- the command
@@ -113,19 +66,20 @@ def launch(cfg, choices: dict, console, debug: bool = False, dry_run: bool = Fal
     ``dry_run`` only print what would run."""
     from omegaconf import OmegaConf, open_dict
 
-    from .runs import atomic_write_json, atomic_write_text, default_output_dir, prepare_output_dir
-    from .train.runner import _resume_arg
+    from ftctl.core.atomic import atomic_write_json, atomic_write_text
+    from ftctl.rundir import default_output_dir, prepare_output_dir
+    from ftctl.train.runner import resume_arg
 
     if not needed(cfg):
         console.print("one process: `ftctl train` runs in this process (no launcher); set launcher.nproc_per_node "
                       "or launcher.nnodes, with a distributed= strategy, for more", highlight=False)
         return 0
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(choices.get("recipe"))
-    prepare_output_dir(out, overwrite=cfg.overwrite, resume=bool(_resume_arg(cfg.resume)), dry_run=True)
+    prepare_output_dir(out, overwrite=cfg.overwrite, resume=bool(resume_arg(cfg.resume)), dry_run=True)
     with open_dict(cfg):
         cfg.output_dir = str(out)  # every worker (and every machine) writes the same run directory
     if cfg.distributed.strategy in DEEPSPEED:  # a user's DeepSpeed JSON that disagrees stops here, not in N workers
-        from .train.distributed import deepspeed_config, deepspeed_installed, mixed_precision
+        from ftctl.train.distributed import deepspeed_config, deepspeed_installed, mixed_precision
 
         if not deepspeed_installed():
             raise ConfigError(f"distributed={cfg.distributed.strategy} needs DeepSpeed: pip install deepspeed "
@@ -147,8 +101,8 @@ def launch(cfg, choices: dict, console, debug: bool = False, dry_run: bool = Fal
                   f"(distributed={cfg.distributed.strategy}): {shlex.join(cmd)}", highlight=False, markup=False)
     rc = _run(cmd, worker_env(cfg))
     if rc:
-        from .errors import Preempted
-        from .runs import read_manifest
+        from ftctl.core.errors import Preempted
+        from ftctl.rundir import read_manifest
 
         manifest = read_manifest(out) or {}
         if manifest.get("status") == "preempted":  # the workers saved a checkpoint; say how to go on
@@ -191,7 +145,9 @@ def load_config(overrides: list[str]):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from .config import GROUPS, TrainConfig, _check_override_keys, validate
+    from ftctl.config.schema import GROUPS, TrainConfig
+    from ftctl.config.compose import check_override_keys
+    from ftctl.config.validate import validate
 
     path = Path(config_file(overrides)).expanduser()
     rest = [o for o in overrides if not o.startswith("config_file=")]
@@ -201,7 +157,7 @@ def load_config(overrides: list[str]):
     if bad:
         raise ConfigError(f"{bad[0]}: with config_file= only key=value overrides apply (e.g. trainer.max_steps=10), "
                           "not group or recipe choices")
-    _check_override_keys(rest)
+    check_override_keys(rest)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path), OmegaConf.from_dotlist(rest))
     except OmegaConfBaseException as e:

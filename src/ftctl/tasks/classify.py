@@ -27,9 +27,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .data.pipeline import DataBundle, SplitData, describe, split_indices, tokenizer_fingerprint
-from .errors import ConfigError, DataError
-from .registry import CLASSIFY
+from ftctl.data.pipeline import DataBundle, SplitData, describe, split_indices, tokenizer_fingerprint
+from ftctl.core.errors import ConfigError, DataError
+from ftctl.core.registry import CLASSIFY
 
 log = logging.getLogger("ftctl")
 
@@ -48,8 +48,8 @@ class ClassifyBundle(DataBundle):
 
 def _read(spec: str, key: str, cfg) -> list[tuple[str, str | None, str | None, str | None]]:
     """(location, text, label, error) for every row of a source, after data.columns."""
-    from .data.pipeline import _map_columns
-    from .data.sources import read_source
+    from ftctl.data.pipeline import map_columns
+    from ftctl.data.sources import read_source
 
     d, c = cfg.data, cfg.classify
     src = read_source(spec, key, d.split if key == "data.path" else None, d.get("subset") if key == "data.path" else None)
@@ -60,7 +60,7 @@ def _read(spec: str, key: str, cfg) -> list[tuple[str, str | None, str | None, s
             out.append((r.loc, None, None, r.error))
             continue
         try:
-            row = _map_columns(r.row, dict(d.columns or {}))
+            row = map_columns(r.row, dict(d.columns or {}))
         except DataError as e:
             out.append((r.loc, None, None, e.message))
             continue
@@ -307,9 +307,9 @@ def _freeze_all(model):
 
 def _heads(model) -> list:
     """The new head, and BERT's pooler (the dense layer between the [CLS] state and the head)."""
-    from .adapters import _head_modules
+    from ftctl.methods.peft import head_modules
 
-    heads = _head_modules(model)
+    heads = head_modules(model)
     pooler = getattr(getattr(model, "base_model", None), "pooler", None)
     return heads + ([pooler] if pooler is not None else [])
 
@@ -335,7 +335,7 @@ def last_block(model, cfg, gradient_checkpointing=False, **_):
     """The last classify.blocks transformer blocks, the final norm and the head train."""
     from types import SimpleNamespace
 
-    from .adapters import freeze
+    from ftctl.methods.peft import freeze
 
     model = freeze(model, SimpleNamespace(trainable_layers=cfg.classify.blocks), False, gradient_checkpointing)
     for m in _heads(model):
@@ -346,7 +346,7 @@ def last_block(model, cfg, gradient_checkpointing=False, **_):
 @CLASSIFY.register("lora")
 def lora(model, cfg, gradient_checkpointing=False, steps=None, model_path=None, **_):
     """LoRA on the peft.target_modules (peft's TaskType.SEQ_CLS); the head (and pooler) trained whole."""
-    from .adapters import lora as lora_method
+    from ftctl.methods.peft import lora as lora_method
 
     pcfg = OmegaConf.create(OmegaConf.to_container(cfg.peft, resolve=True))
     extra = ["pooler"] if getattr(getattr(model, "base_model", None), "pooler", None) is not None else []
@@ -358,7 +358,7 @@ def lora(model, cfg, gradient_checkpointing=False, steps=None, model_path=None, 
 @CLASSIFY.register("full")
 def full(model, cfg, gradient_checkpointing=False, **_):
     """Full fine-tuning: every weight, and the head."""
-    from .adapters import full as full_method
+    from ftctl.methods.peft import full as full_method
 
     return full_method(model, cfg.peft, False, gradient_checkpointing)
 
@@ -455,8 +455,8 @@ def run_eval(ecfg, cfg, manifest: dict, run: Path | None, console) -> dict:
     import torch
     from rich.table import Table
 
-    from . import models
-    from .runs import atomic_write_json, atomic_write_text
+    from ftctl.models import load as models
+    from ftctl.core.atomic import atomic_write_json, atomic_write_text
 
     bad = [m for m in ecfg.metrics if m not in METRIC_NAMES]
     if bad:
@@ -525,8 +525,8 @@ def load_classifier(run: Path | None, manifest: dict, cfg, labels: list[str], de
                     folder: Path | None = None):
     """A finished classify run's model: base + adapter (lora), its model/ folder (head, last_block, full),
     or the base alone (features, whose logistic regression is in classifier/)."""
-    from . import models
-    from .errors import RunDirError
+    from ftctl.models import load as models
+    from ftctl.core.errors import RunDirError
 
     def load(path):
         return models.load_model(path, cfg.model, cfg.quant, device, head="classify", pad_id=pad_id,
@@ -563,9 +563,10 @@ def train_features(cfg, choices, model, tokenizer, bundle: ClassifyBundle, out: 
     import shutil
     from datetime import datetime, timezone
 
-    from . import __version__
-    from .adapters import parameter_report
-    from .runs import atomic_write_json, atomic_write_text, git_commit, library_versions
+    from ftctl import __version__
+    from ftctl.methods.peft import parameter_report
+    from ftctl.core.atomic import atomic_write_json, atomic_write_text
+    from ftctl.rundir import git_commit, library_versions
 
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     base = parameter_report(model)

@@ -15,8 +15,8 @@ import tempfile
 
 from omegaconf import OmegaConf
 
-from .errors import ConfigError
-from .registry import ADAPTERS
+from ftctl.core.errors import ConfigError
+from ftctl.core.registry import ADAPTERS
 
 # methods that put virtual tokens in front of the input: no packing (peft drops position ids), no merge
 PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
@@ -339,7 +339,7 @@ def adaption_prompt(model, peft_cfg, quantized=False, gradient_checkpointing=Fal
 
 
 # ----------------------------------------------------------------------------- plain-model methods
-def _head_modules(model):
+def head_modules(model):
     """The scalar head of a reward model (trained by every method: it is new)."""
     return [m for name, m in model.named_children() if name in ("score", "classifier")]
 
@@ -383,7 +383,7 @@ def bitfit(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps
             setattr(model.config, f, True)
     for b in biases:
         b.requires_grad_(True)
-    for head in _head_modules(model):
+    for head in head_modules(model):
         head.requires_grad_(True)
     return model
 
@@ -413,7 +413,7 @@ def freeze(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps
     out = model.get_output_embeddings()
     if out is not None:  # with tied embeddings this trains the input embeddings too (they are one tensor)
         out.requires_grad_(True)
-    for head in _head_modules(model):
+    for head in head_modules(model):
         head.requires_grad_(True)
     return model
 

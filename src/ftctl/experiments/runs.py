@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import ConfigError, RunDirError
+from ftctl.core.errors import ConfigError, RunDirError
 
 DEFAULT_ROOTS = ("outputs", "multirun")
 FIGURES = (("status", "status"), ("recipe", "recipe"), ("peft_method", "method"), ("trainable_params", "trainable params"),
@@ -42,7 +42,7 @@ def _manifest(run: Path) -> dict:
 
 
 def _last_step(run: Path) -> int | None:
-    from .runs import read_metrics
+    from ftctl.rundir import read_metrics
 
     steps = [r["step"] for r in read_metrics(run) if isinstance(r.get("step"), int) and "loss" in r]
     return steps[-1] if steps else None
@@ -93,7 +93,7 @@ def list_runs(args: list[str], console) -> list[Path]:
                   f"{last if last is not None else '-'}/{total if total is not None else '-'}",
                   _fmt("", m.get("final_train_loss")), _fmt("", m.get("final_val_loss")), _scores(m),
                   str(m.get("started") or "-"))
-    from .progress import table_console
+    from ftctl.core.console import table_console
 
     table_console(console, 12).print(t)
     if not runs:
@@ -144,7 +144,7 @@ def compare_runs(args: list[str], console) -> dict:
         t.add_column(n)
     for k in differ:
         t.add_row(k, *[_fmt("", flats[r].get(k)) for r in runs])
-    from .progress import table_console
+    from ftctl.core.console import table_console
 
     console = table_console(console, 3 + 2 * len(runs))
     console.print(t)

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import ConfigError, FtctlError, RunDirError
-from .runs import atomic_write_json, load_finished_run
+from ftctl.core.errors import ConfigError, FtctlError, RunDirError
+from ftctl.core.atomic import atomic_write_json
+from ftctl.rundir import load_finished_run
 
 # largest |logit difference| accepted between the merged model and base + adapter, by dtype
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
@@ -33,7 +34,7 @@ class MergeConfig:
 def merge(mcfg: MergeConfig, console) -> Path:
     import torch
 
-    from . import models
+    from ftctl.models import load as models
 
     if not mcfg.run:
         raise ConfigError("ftctl merge needs run=<run directory>")
@@ -108,11 +109,11 @@ def merge(mcfg: MergeConfig, console) -> Path:
 
 def _sample_inputs(cfg, tokenizer, n: int):
     """A few held-out prompts with their answers (the run's own data), right-padded."""
-    from .data import pipeline
+    from ftctl.data import pipeline
 
     try:
         if cfg.get("task", "generate") == "classify":
-            from .classify import build_data
+            from ftctl.tasks.classify import build_data
 
             texts = build_data(cfg, tokenizer).validation.prompts[:n]
         else:

@@ -55,11 +55,3 @@ class TrainProgress:
             self._progress.stop()
 
 
-def table_console(console, columns: int):
-    """``console``, or where it is not a terminal (a log file, a pipe) one as wide as a table of ``columns``
-    columns needs, so the table is written whole instead of squeezed into 80 columns of ellipses."""
-    if console.is_terminal:
-        return console
-    from rich.console import Console
-
-    return Console(file=console.file, width=max(console.width, 40 + 13 * columns), soft_wrap=True)

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from .errors import ConfigError, RunDirError
+from ftctl.core.errors import ConfigError, RunDirError
 
 TRIAL_FILE = "trial.json"
 LOWER_IS_BETTER = ("loss", "perplexity", "peak_memory", "time")
@@ -49,9 +49,11 @@ def multirun(overrides: list[str], debug: bool = False) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from .config import compose, prepare_overrides, recipe_search_path, register_schemas, validate
-    from .errors import Preempted
-    from .paths import config_dir
+    from ftctl.config.compose import compose, prepare_overrides, recipe_search_path
+    from ftctl.config.schema import register_schemas
+    from ftctl.config.validate import validate
+    from ftctl.core.errors import Preempted
+    from ftctl.core.paths import config_dir
 
     register_schemas()
     overrides = prepare_overrides(overrides)
@@ -59,9 +61,9 @@ def multirun(overrides: list[str], debug: bool = False) -> int:
     sweep_dir = Path(f"multirun/{recipe.replace(',', '+')}/{datetime.now():%Y%m%d-%H%M%S}")
     plain = [o for o in overrides if not o.startswith(("hydra", "+hydra")) and "(" not in o]
     try:  # the sweep metric and its direction, from the composition without the swept values
-        from .cli import _first_of_sweeps
+        from ftctl.config.compose import first_trial
 
-        scfg, _ = compose("train", _first_of_sweeps(plain))
+        scfg, _ = compose("train", first_trial(plain))
         metric, direction = str(scfg.sweep.metric), _direction(str(scfg.sweep.metric), str(scfg.sweep.direction))
     except ConfigError:
         raise
@@ -88,7 +90,7 @@ def multirun(overrides: list[str], debug: bool = False) -> int:
             with open_dict(cfg):
                 if not cfg.output_dir:
                     cfg.output_dir = str(trial_dir)
-            from .train.runner import train
+            from ftctl.train.runner import train
 
             out = train(cfg, {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v},
                         debug=debug)
@@ -121,9 +123,9 @@ def multirun(overrides: list[str], debug: bool = False) -> int:
         sys.argv = argv
     if not sweep_dir.is_dir():
         return 130 if interrupted else 1
-    from .cli import _console
+    from ftctl.core.console import make_console
 
-    rows = sweep_report(sweep_dir, console=_console())
+    rows = sweep_report(sweep_dir, console=make_console())
     if interrupted:
         return 130
     if stopped:
@@ -135,7 +137,7 @@ def multirun(overrides: list[str], debug: bool = False) -> int:
 
 
 def _write_trial(trial_dir: Path, record: dict) -> None:
-    from .runs import atomic_write_json
+    from ftctl.core.atomic import atomic_write_json
 
     trial_dir.mkdir(parents=True, exist_ok=True)
     if record.get("status") != "running":
@@ -160,7 +162,7 @@ def trial_value(man: dict, metric: str):
 
 def find_trials(folder: Path, depth: int = 3) -> list[Path]:
     """Trial folders (with trial.json, a manifest.json or Hydra's .hydra/) under a sweep folder, in natural order."""
-    from .report import find_trials as with_manifest
+    from ftctl.report import find_trials as with_manifest
 
     found = set(with_manifest(folder, depth))
     for marker in (TRIAL_FILE, ".hydra"):
@@ -176,14 +178,14 @@ def find_trials(folder: Path, depth: int = 3) -> list[Path]:
 
 def collect(folder: Path, metric: str | None = None) -> tuple[list[dict], list[str], str, str]:
     """(rows, swept keys, metric, direction) for the trials of a sweep folder."""
-    from .report import _overrides
+    from ftctl.report import trial_overrides
 
     folder = Path(folder)
     rows = []
     for d in find_trials(folder):
         man = _read_json(d / "manifest.json")
         trial = _read_json(d / TRIAL_FILE)
-        overrides = trial.get("overrides") or _overrides(d)
+        overrides = trial.get("overrides") or trial_overrides(d)
         status = man.get("status") or trial.get("status") or "unknown"
         if trial.get("status") in ("failed", "preempted", "not run") and status in ("finished", "running"):
             status = trial["status"]  # e.g. eval.after_train or the report failed after training
@@ -288,10 +290,10 @@ def _as_number(v):
 
 def metric_figure(rows, swept, metric, direction):
     """The metric against each swept value: one panel per swept key (log scale for wide numeric ranges)."""
-    from .report import COLORS, _figure
+    from ftctl.report import COLORS, new_figure
 
     keys = swept or ["trial"]
-    fig, axes = _figure(len(keys), width=max(5.2, 4.4 * len(keys)), height=3.6)
+    fig, axes = new_figure(len(keys), width=max(5.2, 4.4 * len(keys)), height=3.6)
     for ax, key in zip(axes, keys):
         pts = [(r["swept"].get(key) if key != "trial" else r["trial"], r["value"], r["best"]) for r in rows
                if r["value"] is not None]
@@ -322,22 +324,22 @@ def metric_figure(rows, swept, metric, direction):
 
 
 def loss_figure(rows):
-    """Every trial's loss curves overlaid (report._sweep_loss_figure, as on ftctl report's sweep page)."""
-    from .report import _split_rows, _sweep_loss_figure
-    from .runs import read_metrics
+    """Every trial's loss curves overlaid (report.sweep_loss_figure, as on ftctl report's sweep page)."""
+    from ftctl.report import split_rows, sweep_loss_figure
+    from ftctl.rundir import read_metrics
 
     trials = []
     for r in rows:
-        train, val = _split_rows(read_metrics(r["dir"])) if (r["dir"] / "metrics.jsonl").is_file() else ([], [])
+        train, val = split_rows(read_metrics(r["dir"])) if (r["dir"] / "metrics.jsonl").is_file() else ([], [])
         trials.append({"train": train, "val": val, "best": r["best"],
                        "label": " ".join(f"{k}={v}" for k, v in r["swept"].items()) or r["trial"]})
-    return _sweep_loss_figure(trials)
+    return sweep_loss_figure(trials)
 
 
 def sweep_report(folder, metric: str | None = None, console=None) -> list[dict]:
     """Write report.md, report.csv and the two plots for a sweep folder; print the table. Returns the rows."""
-    from .report import _save
-    from .runs import atomic_write_text
+    from ftctl.report import save_figure
+    from ftctl.core.atomic import atomic_write_text
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -349,8 +351,8 @@ def sweep_report(folder, metric: str | None = None, console=None) -> list[dict]:
     atomic_write_text(folder / "report.md", _markdown(folder, rows, swept, metric, direction, head, table))
     atomic_write_text(folder / "report.csv", _csv(head, table))
     (folder / "plots").mkdir(exist_ok=True)
-    _save(metric_figure(rows, swept, metric, direction), folder / "plots" / "sweep_metric.png")
-    _save(loss_figure(rows), folder / "plots" / "sweep_loss.png")
+    save_figure(metric_figure(rows, swept, metric, direction), folder / "plots" / "sweep_metric.png")
+    save_figure(loss_figure(rows), folder / "plots" / "sweep_loss.png")
     if console is not None:
         from rich.table import Table
 
@@ -359,7 +361,7 @@ def sweep_report(folder, metric: str | None = None, console=None) -> list[dict]:
             t.add_column(h, justify="left" if i < len(swept) + 2 else "right")
         for r, row in zip(rows, table):
             t.add_row(*[_fmt(v) for v in row], style="bold green" if r["best"] else None)
-        from .progress import table_console
+        from ftctl.core.console import table_console
 
         table_console(console, len(head)).print(t)
         best = next((r for r in rows if r["best"]), None)

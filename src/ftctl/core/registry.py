@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from .errors import ConfigError
+from ftctl.core.errors import ConfigError
 
 
 class Registry:
@@ -40,10 +40,10 @@ class Registry:
             raise ConfigError(f"{self.key}={name!r} is not known; choose one of: {', '.join(self.names())}") from None
 
 
-ADAPTERS = Registry("peft.method", "ftctl.adapters")
-QUANT = Registry("quant.method", "ftctl.models")
+ADAPTERS = Registry("peft.method", "ftctl.methods.peft")
+QUANT = Registry("quant.method", "ftctl.models.load")
 TEMPLATES = Registry("template.name", "ftctl.data.templates")
 DATASETS = Registry("data.path=builtin:", "ftctl.data.builtin")
-BUILTIN_MODELS = Registry("model.path=builtin:", "ftctl.models")
+BUILTIN_MODELS = Registry("model.path=builtin:", "ftctl.models.load")
 METRICS = Registry("eval metric", "ftctl.evaluate.metrics")
-CLASSIFY = Registry("classify.strategy", "ftctl.classify")
+CLASSIFY = Registry("classify.strategy", "ftctl.tasks.classify")

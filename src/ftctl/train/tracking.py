@@ -23,66 +23,9 @@ import os
 import re
 from pathlib import Path
 
-from .errors import ConfigError
+from ftctl.config.checks import mlflow_uri, names
 
 log = logging.getLogger("ftctl")
-
-# tracker -> the packages it imports, and what to install
-PACKAGES = {
-    "tensorboard": (("tensorboard",), "pip install tensorboard"),
-    "mlflow": (("mlflow",), "pip install mlflow"),
-    "wandb": (("wandb",), "pip install wandb"),
-}
-
-
-def names(cfg) -> list[str]:
-    """``logging.report_to`` as a list: [], a bare name, 'none' or a list of names."""
-    value = cfg.logging.report_to if "logging" in cfg else []
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    out = [str(v) for v in value]
-    return [] if out == ["none"] else out
-
-
-def _mlflow_uri(cfg, out: Path | None) -> str:
-    uri = cfg.logging.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{Path(out).resolve() / 'mlflow.db'}" if out is not None else "sqlite:///<run>/mlflow.db"
-
-
-def check_config(cfg, locate=lambda key: "") -> None:
-    """Allowed names and installed packages; one ConfigError line (called from config.validate)."""
-    from importlib.util import find_spec
-
-    value = cfg.logging.report_to
-    if not (value is None or isinstance(value, str) or
-            (hasattr(value, "__iter__") and all(isinstance(v, str) for v in value))):
-        raise ConfigError(f"{locate('report_to')}logging.report_to={value!r} must be a list of tracker names, "
-                          "e.g. [tensorboard,mlflow]")
-    chosen = names(cfg)
-    for n in chosen:
-        if n not in PACKAGES:
-            raise ConfigError(f"{locate('report_to')}logging.report_to: {n!r} is not a tracker; choose from: none, "
-                              f"{', '.join(PACKAGES)} (several at once: logging.report_to=[tensorboard,mlflow])")
-    if len(set(chosen)) != len(chosen):
-        raise ConfigError(f"{locate('report_to')}logging.report_to={chosen}: a tracker is named twice")
-    if cfg.logging.wandb_mode not in ("auto", "online", "offline"):
-        raise ConfigError(f"{locate('wandb_mode')}logging.wandb_mode={cfg.logging.wandb_mode!r} is not allowed; "
-                          "choose one of: auto, online, offline")
-    for n in chosen:
-        pkgs, how = PACKAGES[n]
-        for pkg in pkgs:
-            if find_spec(pkg) is None:
-                raise ConfigError(f"logging.report_to={n} needs the {pkg} package: {how}")
-    if "mlflow" in chosen and _mlflow_uri(cfg, None).startswith("sqlite:"):
-        for pkg in ("sqlalchemy", "alembic"):
-            if find_spec(pkg) is None:
-                raise ConfigError(f"logging.report_to=mlflow keeps its runs in SQLite under the run directory, which "
-                                  f"needs the {pkg} package: pip install mlflow (or set logging.mlflow_tracking_uri "
-                                  "to a server)")
 
 
 def _wandb_mode(cfg) -> str:
@@ -131,7 +74,7 @@ def _state(out: Path) -> dict:
 def log_with(cfg, out: Path, resume: bool = False) -> list | None:
     """The tracker objects for ``Accelerator(log_with=...)``; None when logging.report_to is empty.
     Nothing is written until :class:`Trackers` starts them."""
-    from ._trackers import MLflow, TensorBoard, WandB
+    from ftctl.train.trackers import MLflow, TensorBoard, WandB
 
     chosen = names(cfg)
     if not chosen:
@@ -144,7 +87,7 @@ def log_with(cfg, out: Path, resume: bool = False) -> list | None:
         if n == "tensorboard":
             made.append(TensorBoard(out))
         elif n == "mlflow":
-            made.append(MLflow(out, _mlflow_uri(cfg, out), project, run_name, state.get("mlflow_run_id")))
+            made.append(MLflow(out, mlflow_uri(cfg, out), project, run_name, state.get("mlflow_run_id")))
         elif n == "wandb":
             made.append(WandB(out, project, run_name, _wandb_mode(cfg), state.get("wandb_run_id")))
     return made
@@ -183,7 +126,7 @@ class Trackers:
     """The run's trackers, started through ``accelerator.init_trackers`` once the run directory exists."""
 
     def __init__(self, cfg, out: Path, accelerator, console=None, start_step: int = 0):
-        from ._trackers import Guarded, TensorBoard
+        from ftctl.train.trackers import Guarded, TensorBoard
 
         self.out, self.accelerator, self.console = Path(out), accelerator, console
         self.cfg = cfg
@@ -199,7 +142,7 @@ class Trackers:
         accelerator.init_trackers(str(cfg.logging.project), config=flat_config(cfg))
         ids = {f"{t.name}_run_id": getattr(t, "run_id", None) for t in self.active if getattr(t, "run_id", None)}
         if ids:
-            from .runs import atomic_write_json
+            from ftctl.core.atomic import atomic_write_json
 
             atomic_write_json(self.out / "tracking.json", {**_state(self.out), **ids})
         live = [t.where() for t in self.active if t.broken is None]

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import ConfigError, RunDirError
+from ftctl.core.errors import ConfigError, RunDirError
 
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -79,7 +79,7 @@ def model_config(cfg):
     the local hub cache or the hub, else ftctl's table of known configs."""
     from transformers import AutoConfig
 
-    from . import models
+    from ftctl.models import load as models
 
     path = str(cfg.model.path)
     if path.startswith("builtin:") or Path(path).expanduser().is_dir():
@@ -103,7 +103,7 @@ def meta_model(cfg, mconf, quantized: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .registry import ADAPTERS
+    from ftctl.core.registry import ADAPTERS
 
     dtype = _load_dtype(cfg, mconf)
     with torch.device("meta"):
@@ -227,8 +227,8 @@ def _adapted_linears_per_layer(model) -> tuple[int, float]:
 
 def targets_only_logits(cfg, mconf, method: str, strategy: str) -> bool:
     """Whether the run computes logits at the target positions only (train/objectives.py)."""
-    from .adapters import PROMPT_METHODS
-    from .train.objectives import targets_only_model_config
+    from ftctl.methods.peft import PROMPT_METHODS
+    from ftctl.objectives.losses import targets_only_model_config
 
     return (str(cfg.trainer.get("logits", "all")) == "targets" and cfg.objective == "sft" and strategy == "single"
             and method not in (*PROMPT_METHODS, "adalora") and targets_only_model_config(mconf))
@@ -254,7 +254,7 @@ def activation_bytes(cfg, mconf, model, method: str, tokens: int, seq_len: int, 
         layers = L * h + per_layer  # each layer's input, and one layer recomputed during the backward pass
     else:
         layers = L * per_layer
-    from .train.objectives import TARGET_CHUNK
+    from ftctl.objectives.losses import TARGET_CHUNK
 
     logit_rows = min(tokens, TARGET_CHUNK) if targets_only else tokens
     return {"layers": int(layers * tokens * act_bytes),
@@ -270,7 +270,7 @@ def runtime_bytes() -> int:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from .memory import rss_bytes
+    from ftctl.core.memory import rss_bytes
 
     return rss_bytes() or 0
 
@@ -390,8 +390,8 @@ def _gib(b) -> str:
 def plan(pcfg: PlanConfig, overrides: list[str], console) -> dict:
     from omegaconf import OmegaConf
 
-    from .config import compose
-    from .runs import read_manifest
+    from ftctl.config.compose import compose
+    from ftctl.rundir import read_manifest
 
     man = None
     if pcfg.run:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import ConfigError
-from .runs import load_finished_run
+from ftctl.core.errors import ConfigError
+from ftctl.rundir import load_finished_run
 
 
 @dataclass
@@ -35,7 +35,7 @@ def _load(gcfg: GenerateConfig):
     import torch
     from omegaconf import OmegaConf
 
-    from . import models
+    from ftctl.models import load as models
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if bool(gcfg.run) == bool(gcfg.model):
@@ -48,18 +48,18 @@ def _load(gcfg: GenerateConfig):
                                 "quant": {"method": "none", "compute_dtype": "auto", "double_quant": True}})
         tok = models.load_tokenizer(folder)
         return models.load_model(folder, cfg.model, cfg.quant, device), tok, "chat" if tok.chat_template else "raw"
-    from .evaluate.run import _load_models
+    from ftctl.evaluate.run import load_models
 
     run = Path(gcfg.run)
     manifest, cfg = load_finished_run(run)
     tok = models.load_tokenizer(Path(manifest["model_path"]))
-    _, tuned = _load_models(run, manifest, cfg, device)
+    _, tuned = load_models(run, manifest, cfg, device)
     return tuned(), tok, cfg.template.name
 
 
 def wrap(prompt: str, template: str, tokenizer, system: str | None = None, history: list | None = None) -> str:
     """The text generation is conditioned on, as the run was trained."""
-    from .data.templates import alpaca
+    from ftctl.data.templates import alpaca
 
     if template in ("chat", "preference") and tokenizer.chat_template:
         messages = ([{"role": "system", "content": system}] if system else []) + list(history or []) + [
@@ -100,8 +100,8 @@ def _prompts(gcfg: GenerateConfig) -> list[str]:
 
 
 def generate_cmd(gcfg: GenerateConfig, console) -> list[str]:
-    from .evaluate.generate import generate
-    from .runs import atomic_write_text
+    from ftctl.evaluate.generate import generate
+    from ftctl.core.atomic import atomic_write_text
 
     prompts = _prompts(gcfg)
     model, tok, template = _load(gcfg)

@@ -10,7 +10,6 @@ before and after, the compression factor, and perplexity on held-out rows before
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -18,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import ConfigError, FtctlError, RunDirError
-from .registry import Registry
-from .runs import atomic_write_json
+from ftctl.core.errors import ConfigError, FtctlError, RunDirError
+from ftctl.core.registry import Registry
+from ftctl.core.atomic import atomic_write_json
+from ftctl.models.bitdelta import BITDELTA_FILE, load_bitdelta
 
-QUANTIZERS = Registry("quantize method", "ftctl.quantize")
-BITDELTA_FILE = "bitdelta.json"
+QUANTIZERS = Registry("quantize method", "ftctl.post.quantize")
 
 
 @dataclass
@@ -117,7 +116,7 @@ def bitdelta(src: Path, dst: Path, qcfg, console, calibration=None):
 
     if not qcfg.base:
         raise ConfigError("method=bitdelta needs base=<the base model folder the fine-tune started from>")
-    from . import models
+    from ftctl.models import load as models
 
     base_path = Path(models.resolve(qcfg.base, None)).resolve()  # a folder, builtin:<name> or a hub id
     if not (base_path / "config.json").is_file():
@@ -182,32 +181,6 @@ def _distil_scales(ft, base, signs, scales, batches, qcfg, console):
     return {n: p.detach() for n, p in params.items()}
 
 
-def load_bitdelta(folder: Path, dtype=None):
-    """Rebuild a model from a BitDelta folder: the base plus scale x sign per linear layer."""
-    import numpy as np
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    meta = json.loads((folder / BITDELTA_FILE).read_text())
-    base_path = Path(meta["base"])
-    if not (base_path / "config.json").is_file():
-        raise RunDirError(f"{folder}: its base model {base_path} is gone (BitDelta stores only the difference)")
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype or torch.float32, use_safetensors=True)
-    tensors = load_file(str(folder / "bitdelta.safetensors"))
-    sd = model.state_dict()
-    with torch.no_grad():
-        for name, shape in meta["linears"].items():
-            n = math.prod(shape)
-            bits = np.unpackbits(tensors[f"{name}.sign"].numpy())[:n]
-            sign = torch.from_numpy(bits.astype(np.float32) * 2 - 1).reshape(shape)
-            w = sd[f"{name}.weight"]
-            w.add_((tensors[f"{name}.scale"].float() * sign).to(w.dtype))
-        for k in meta["full"]:
-            sd[k].copy_(tensors[f"{k}.full"])
-    return model
-
-
 # ----------------------------------------------------------------------------- command
 def _load_any(folder: Path):
     import torch
@@ -225,12 +198,12 @@ def _load_any(folder: Path):
 def quantize(qcfg: QuantizeConfig, overrides: list[str], console) -> Path:
     from rich.table import Table
 
-    from . import models
-    from .config import compose
-    from .data import pipeline
-    from .data.tokenize import collate
-    from .evaluate.generate import generate
-    from .evaluate.run import perplexity
+    from ftctl.models import load as models
+    from ftctl.config.compose import compose
+    from ftctl.data import pipeline
+    from ftctl.data.tokenize import collate
+    from ftctl.evaluate.generate import generate
+    from ftctl.evaluate.run import perplexity
 
     if not qcfg.model:
         raise ConfigError("ftctl quantize needs model=<model folder> (e.g. a run's merged/ folder from ftctl merge)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-_PKG = Path(__file__).resolve().parent
+_PKG = Path(__file__).resolve().parents[1]  # the ftctl package
 
 
 def config_dir() -> Path:

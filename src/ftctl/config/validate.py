@@ -1,0 +1,194 @@
+"""Checks of a composed config: allowed values, ranges and combinations, one ConfigError line naming the key,
+the value, what is allowed, and the recipe file and line where the key was set."""
+from __future__ import annotations
+
+import re
+from ftctl.core.errors import ConfigError
+from omegaconf import DictConfig, OmegaConf
+from ftctl.config.schema import OPTIMIZERS, PRECISIONS, STRATEGIES
+from pathlib import Path
+
+
+def locate(key: str, files: list[Path]) -> str:
+    """file:line of ``key`` (its last part) in the first of ``files`` that sets it, else ''."""
+    leaf = key.split(".")[-1]
+    pat = re.compile(rf"^\s*{re.escape(leaf)}\s*:")
+    for f in files:
+        try:
+            for n, line in enumerate(f.read_text().splitlines(), 1):
+                if pat.match(line):
+                    return f"{f}:{n}: "
+        except OSError:
+            continue
+    return ""
+
+
+# ----------------------------------------------------------------------------- validate
+def _check_task(cfg: DictConfig, files) -> None:
+    """task=classify and model.kind: the combinations that exist."""
+    from ftctl.core import registry
+
+    _allowed(cfg, "task", ("generate", "classify"), files)
+    _allowed(cfg, "model.kind", ("causal", "seq2seq", "encoder"), files)
+    _allowed(cfg, "data.balance", ("none", "oversample", "undersample", "class_weights"), files)
+    _allowed(cfg, "classify.pooling", ("auto", "mean", "cls", "last"), files)
+    if (cfg.task == "classify" or cfg.model.kind == "seq2seq") and cfg.distributed.strategy != "single":
+        what = "task=classify" if cfg.task == "classify" else "model.kind=seq2seq"
+        raise ConfigError(f"distributed={cfg.distributed.strategy} is not available with {what} yet (one process "
+                          "only); use distributed=single")
+    if cfg.task == "classify":
+        _allowed(cfg, "classify.strategy", registry.CLASSIFY.names(), files)
+        _positive(cfg, "classify.blocks", files)
+        _positive(cfg, "classify.C", files)
+        if cfg.objective != "sft":
+            raise ConfigError(f"objective={cfg.objective} does not apply to task=classify (its loss is the "
+                              "classification cross-entropy); leave objective unset")
+        if cfg.model.kind == "seq2seq":
+            raise ConfigError("task=classify works with model.kind=encoder or causal, not seq2seq")
+        if cfg.model.adapter:
+            raise ConfigError("model.adapter (continuing an adapter) does not apply to task=classify; start from "
+                              "the base model (or model.path=<a merged model>)")
+        if cfg.quant.method != "none":
+            raise ConfigError(f"quant={cfg.quant.method} is not available with task=classify; use quant=none")
+        if len(set(cfg.classify.labels)) != len(cfg.classify.labels) or len(cfg.classify.labels) == 1:
+            raise ConfigError(f"classify.labels={list(cfg.classify.labels)} must be empty or at least two "
+                              "distinct names")
+        return
+    if cfg.data.balance != "none":
+        raise ConfigError(f"{locate('balance', files)}data.balance={cfg.data.balance} applies to task=classify "
+                          "(a classification head); use data.balance=none")
+    if cfg.model.kind == "encoder":
+        raise ConfigError("model.kind=encoder (a BERT-style model) cannot generate text; use it with task=classify")
+    if cfg.model.kind == "seq2seq":
+        if cfg.objective != "sft":
+            raise ConfigError(f"objective={cfg.objective} is not available for model.kind=seq2seq (SFT only)")
+        if cfg.data.packing:
+            raise ConfigError("data.packing=true does not apply to model.kind=seq2seq (source and target are "
+                              "separate sequences); use data.packing=false")
+
+
+def _allowed(cfg: DictConfig, key: str, allowed, files) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in allowed:
+        raise ConfigError(
+            f"{locate(key, files)}{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}"
+        )
+
+
+def _positive(cfg: DictConfig, key: str, files, strict: bool = True) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None or (value <= 0 if strict else value < 0):
+        raise ConfigError(f"{locate(key, files)}{key}={value!r} must be {'> 0' if strict else '>= 0'}")
+
+
+def _refuse_targets(node, where: str, files) -> None:
+    """ftctl never instantiates classes named in a config: a ``_target_`` key is refused wherever it is."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            key = f"{where}.{k}" if where else str(k)
+            if k in ("_target_", "_partial_", "_args_"):
+                raise ConfigError(f"{locate(key, files)}{key}: refused; ftctl does not instantiate classes named "
+                                  "in configs (choose methods by name, e.g. peft.method=lora)")
+            _refuse_targets(v, key, files)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _refuse_targets(v, f"{where}[{i}]", files)
+
+
+def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
+    from ftctl.core import registry
+
+    files = list(files)
+    _refuse_targets(OmegaConf.to_container(cfg, resolve=False), "", files)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: required but not set (e.g. {missing[0]}=...)")
+    _allowed(cfg, "peft.method", registry.ADAPTERS.names(), files)
+    _allowed(cfg, "quant.method", registry.QUANT.names(), files)
+    _allowed(cfg, "template.name", registry.TEMPLATES.names(), files)
+    _allowed(cfg, "precision.name", PRECISIONS, files)
+    _allowed(cfg, "model.dtype", ("auto", "float32", "bfloat16", "float16"), files)
+    _allowed(cfg, "quant.compute_dtype", ("auto", "float32", "bfloat16", "float16"), files)
+    _allowed(cfg, "trainer.scheduler", ("cosine", "linear", "constant"), files)
+    _allowed(cfg, "trainer.optimizer", OPTIMIZERS, files)
+    _allowed(cfg, "peft.prompt_init", ("sample_vocab", "random", "text"), files)
+    from ftctl.methods.peft import PROMPT_METHODS
+
+    if cfg.peft.method in PROMPT_METHODS and cfg.data.packing:
+        raise ConfigError(f"{locate('packing', files)}data.packing=true does not work with peft.method={cfg.peft.method}: "
+                          "virtual tokens go before each row, and packed rows need their own position ids; "
+                          "use data.packing=false")
+    _allowed(cfg, "data.overlong", ("drop", "truncate", "error"), files)
+    _allowed(cfg, "trainer.logits", ("targets", "all"), files)
+    _allowed(cfg, "data.train_on", ("completion", "all", "assistant", "last"), files)
+    _allowed(cfg, "data.bad_rows", ("error", "skip"), files)
+    _allowed(cfg, "template.style", ("plain", "chat"), files)
+    known = registry.METRICS.names() + ["perplexity", "reward_accuracy"]
+    for m in cfg.eval.after_train:
+        if m not in known:
+            raise ConfigError(f"{locate('after_train', files)}eval.after_train: metric {m!r} is not known; "
+                              f"choose from: {', '.join(known)}")
+    _allowed(cfg, "eval.split", ("validation", "test", "train"), files)
+    for i, m in enumerate(cfg.data.mix):
+        if not m.weight > 0:
+            raise ConfigError(f"{locate('weight', files)}data.mix[{i}].weight={m.weight} must be > 0")
+    if cfg.template.name == "flan" and not cfg.template.phrasings:
+        raise ConfigError("template=flan needs template.phrasings (choose template=flan_summarize, flan_classify "
+                          "or flan_qa, or give your own)")
+    from ftctl.data import jinja
+
+    for i, phrasing in enumerate(cfg.template.phrasings):
+        where = f"{locate('phrasings', files)}template.phrasings[{i}]"
+        if "|||" not in phrasing:
+            raise ConfigError(f"{where}: no '|||' between prompt and target")
+        jinja.check(phrasing, where)
+    if cfg.template.chat_template:
+        jinja.check(cfg.template.chat_template, f"{locate('chat_template', files)}template.chat_template")
+    _allowed(cfg, "trainer.on_nan", ("stop", "skip"), files)
+    _allowed(cfg, "trainer.cpu_allocator", ("release", "default"), files)
+    _allowed(cfg, "sweep.direction", ("auto", "min", "max"), files)
+    _allowed(cfg, "objective", ("sft", "dpo", "reward"), files)
+    _allowed(cfg, "dpo.loss", ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"), files)
+    _positive(cfg, "dpo.beta", files)
+    if not 0 <= cfg.dpo.label_smoothing < 0.5:
+        raise ConfigError(f"{locate('label_smoothing', files)}dpo.label_smoothing={cfg.dpo.label_smoothing} "
+                          "must be in [0, 0.5)")
+    _allowed(cfg, "distributed.strategy", STRATEGIES, files)
+    from ftctl.config.checks import check_distributed
+
+    check_distributed(cfg, lambda key: locate(key, files))
+    _check_task(cfg, files)
+    from ftctl.config.checks import check_logging
+
+    check_logging(cfg, lambda key: locate(key, files))
+    for key in ("trainer.batch_size", "trainer.grad_accum", "trainer.lr", "data.max_length",
+                "peft.r", "peft.alpha", "trainer.log_every", "trainer.keep_checkpoints", "peft.target_r",
+                "peft.block_size", "peft.n_butterfly_factor", "peft.num_virtual_tokens", "peft.encoder_hidden_size",
+                "peft.adapter_len", "peft.adapter_layers", "peft.loraplus_lr_ratio"):
+        _positive(cfg, key, files)
+    for key in ("trainer.eval_every", "trainer.save_every", "trainer.weight_decay", "trainer.max_grad_norm",
+                "peft.dropout"):
+        _positive(cfg, key, files, strict=False)
+    if cfg.trainer.max_steps <= 0 and cfg.trainer.epochs <= 0:
+        raise ConfigError("trainer.max_steps and trainer.epochs are both <= 0; set one of them (e.g. trainer.max_steps=100)")
+    for key in ("val_fraction", "test_fraction"):
+        if not 0 <= cfg.data[key] < 1:
+            raise ConfigError(f"{locate(key, files)}data.{key}={cfg.data[key]} must be in [0, 1)")
+    if cfg.data.val_fraction + cfg.data.test_fraction >= 1:
+        raise ConfigError("data.val_fraction + data.test_fraction must be < 1 (some rows must be left to train on)")
+    if not 0 <= cfg.peft.dropout < 1:
+        raise ConfigError(f"peft.dropout={cfg.peft.dropout} must be in [0, 1)")
+    tm = cfg.peft.target_modules
+    if isinstance(tm, str) and tm != "all-linear":
+        try:
+            re.compile(tm)
+        except re.error as e:
+            raise ConfigError(f"{locate('target_modules', files)}peft.target_modules={tm!r} is not a valid regular "
+                              f"expression ({e})") from None
+    elif not (tm is None or tm == "all-linear" or OmegaConf.is_list(tm) and all(isinstance(x, str) for x in tm)):
+        raise ConfigError(f"{locate('target_modules', files)}peft.target_modules={tm!r} must be \"all-linear\", a list "
+                          "of module names (e.g. [q_proj,v_proj]), a regular expression over module names, or null")
+    _positive(cfg, "peft.trainable_layers", files, strict=False)
+    r = cfg.resume
+    if not (isinstance(r, bool) or isinstance(r, str) and r):
+        raise ConfigError(f"resume={r!r} must be true, false or a checkpoint path")

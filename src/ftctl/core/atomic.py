@@ -1,0 +1,60 @@
+"""Atomic writes: a file or a folder is written to a temporary sibling and renamed into place, so a crash
+never leaves a half-written file that a later command would trust."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from ftctl.core.errors import ModelNotFoundError
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------- helpers
+def atomic_folder(target: Path, build) -> Path:
+    """Build a folder into a temporary sibling, then rename it into place (a crash leaves no half folder)."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        build(tmp)
+        if target.exists():  # an unfinished or foreign folder without config.json: keep it aside
+            shutil.rmtree(tmp)
+            raise ModelNotFoundError(f"{target} exists but holds no config.json; remove it and retry")
+        os.rename(tmp, target)
+    except FileExistsError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

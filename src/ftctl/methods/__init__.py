@@ -1,0 +1,1 @@
+"""Layer 1: the adaptation methods (peft=NAME): how each wraps a model, and its traits."""

@@ -1,0 +1,1 @@
+"""Layer 8: after training: merge, quantize, generate and chat."""
