@@ -53,7 +53,7 @@ def check(root: Path = SRC) -> list[str]:
     files = {module_name(p, root): p for p in sorted(root.rglob("*.py"))}
     problems, edges = [], {m: set() for m in files}
     for mod, path in files.items():
-        rel = path.relative_to(root.parent.parent) if root.parent.parent in path.parents else path
+        rel = path.relative_to(root.parent)
         for line, target, name in _imports(ast.parse(path.read_text()), mod, path.name == "__init__.py"):
             full = f"{target}.{name}" if name else target
             dep = full if full in files else target
