@@ -10,7 +10,7 @@ from conftest import compose, run_cli
 
 from ftctl.core.registry import ADAPTERS
 from ftctl.rundir import read_metrics
-from ftctl.train import runner
+from ftctl.train import loop as runner
 
 # 16 rows, batch 4: 4 steps an epoch; the second epoch revisits the rows of the first
 BASE = ["model=tiny_llama", "data.limit=20", "data.val_fraction=0.2", "trainer.batch_size=4", "trainer.max_steps=8",
@@ -67,14 +67,14 @@ def _train_with_spies(monkeypatch, overrides):
             return model
         return wrapped
 
-    save = runner._save_final
+    save = runner.save_final
 
     def spy_save(model, tokenizer, out, is_adapter, *rest):
         seen["model"] = model
         return save(model, tokenizer, out, is_adapter, *rest)
 
     monkeypatch.setattr(ADAPTERS, "get", spy_get)
-    monkeypatch.setattr(runner, "_save_final", spy_save)
+    monkeypatch.setattr(runner, "save_final", spy_save)
     cfg, choices = compose(*overrides)
     out = runner.train(cfg, choices)
     return cfg, out, seen

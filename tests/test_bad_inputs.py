@@ -10,7 +10,7 @@ import pytest
 from conftest import compose, run_cli
 
 from ftctl.train import checkpoint
-from ftctl.train.runner import train
+from ftctl.train.loop import train
 
 TINY = ["model=tiny_llama", "data.limit=16", "trainer.batch_size=4", "trainer.eval_every=0"]
 

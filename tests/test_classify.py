@@ -11,7 +11,7 @@ from conftest import SHARED_DATA, compose, run_cli
 
 from ftctl.tasks.classify import Objective, balance, build_data, collate, features_predict, save_features, scores
 from ftctl.core.errors import ConfigError
-from ftctl.train.runner import train
+from ftctl.train.loop import train
 
 SMS = SHARED_DATA / "sms_spam" / "sms_spam.csv"
 HAM = ["see you at lunch", "ok i am on my way", "can you call mum later", "the meeting moved to noon",

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from ftctl.core.errors import ConfigError, RunDirError
 from ftctl.rundir import read_metrics
 from ftctl.train import distributed
-from ftctl.train.runner import train
+from ftctl.train.loop import train
 
 TINY = ["model=tiny_llama", "data.limit=64", "data.max_length=128", "trainer.batch_size=4", "trainer.log_every=1",
         "trainer.eval_every=0", "trainer.warmup_steps=0", "trainer.lr=3e-2", "trainer.scheduler=constant",
@@ -70,9 +70,9 @@ def _same_adapter(ref: Path, out: Path, tol=1e-4) -> None:
 
 # ----------------------------------------------------------------------------- launcher, no processes
 def test_dry_run_prints_the_readme_command():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "distributed.md").read_text()
     m = re.search(r"```\n(ftctl train [^\n]*--dry-run)\n```\nprints[^\n]*\n```\n([^\n]+)\n```", readme)
-    assert m, "README: the multi-node --dry-run example"
+    assert m, "docs/distributed.md: the multi-node --dry-run example"
     r = run_cli(*shlex.split(m.group(1))[1:])
     assert r.returncode == 0, r.stderr
     printed = r.stdout.strip().replace(sys.executable, "python", 1)

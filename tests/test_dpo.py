@@ -10,7 +10,7 @@ from conftest import compose
 
 from ftctl.rundir import read_metrics
 from ftctl.objectives.losses import bradley_terry_losses, preference_losses, sequence_logps
-from ftctl.train.runner import train
+from ftctl.train.loop import train
 
 trl = pytest.importorskip("trl", reason="TRL is the reference implementation (pip install -e '.[test]')")
 

@@ -5,7 +5,7 @@ import pytest
 from conftest import compose, run_cli
 
 from ftctl.evaluate.metrics import accuracy, bleu, exact_match, f1, parse_label, rouge, rouge_l
-from ftctl.train.runner import train
+from ftctl.train.loop import train
 
 
 def test_exact_match_and_rouge_l():

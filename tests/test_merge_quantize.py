@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import compose, run_cli
 
-from ftctl.train.runner import train
+from ftctl.train.loop import train
 
 TINY = ["model=tiny_llama", "data.limit=40", "trainer.max_steps=3", "trainer.eval_every=0", "trainer.lr=5e-2",
         "trainer.batch_size=4"]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ftctl.data.tokenize import IGNORE_INDEX, collate, packed_row
-from ftctl.objectives.losses import SFT, targets_only_loss, targets_only_parts
+from ftctl.objectives.losses import targets_only_loss, targets_only_parts
+from ftctl.objectives.sft import SFT
 from ftctl.data.batches import batch_indices
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from ftctl.rundir import read_metrics
 from ftctl.train import checkpoint
-from ftctl.train.runner import train
+from ftctl.train.loop import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 # 60 steps, 10 SIGKILLs and 5 SIGTERMs: each signal costs a process start (about 7 s on 2 cores), so these

@@ -25,7 +25,7 @@ PLOT_COLOR = (0x1f, 0x77, 0xb4)  # the training-loss line
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory):
     """3 steps with validation at steps 2 and 3, all three trackers, and eval.after_train."""
-    from ftctl.train.runner import train
+    from ftctl.train.loop import train
 
     out = tmp_path_factory.mktemp("tracked") / "run"
     cfg, choices = compose(*TINY, "trainer.max_steps=3", "trainer.eval_every=2", "trainer.scheduler=linear",

@@ -40,7 +40,7 @@ def test_loss_is_t5s_own_cross_entropy(t5_path):
 
     from ftctl.models import load as models
     from ftctl.data.pipeline import build
-    from ftctl.objectives.losses import Seq2SeqSFT
+    from ftctl.objectives.sft import Seq2SeqSFT
 
     tok = models.load_tokenizer(t5_path)
     cfg, _ = compose(*T5)
@@ -65,7 +65,7 @@ def test_train_eval_merge(tmp_path, t5_path):
     from ftctl.evaluate.run import EvalConfig, run_eval
     from ftctl.post.merge import MergeConfig, merge
     from ftctl.rundir import read_metrics
-    from ftctl.train.runner import train
+    from ftctl.train.loop import train
 
     cfg, choices = compose(*T5, "trainer.max_steps=12", "trainer.lr=1e-2", "trainer.scheduler=constant",
                            f"output_dir={tmp_path / 'run'}")

@@ -10,7 +10,7 @@ from ftctl.core.errors import RunDirError
 from ftctl.rundir import read_metrics
 from ftctl.train import checkpoint
 from ftctl.data.batches import batch_indices
-from ftctl.train.runner import train
+from ftctl.train.loop import train
 
 TINY = ["model=tiny_llama", "data.limit=64", "data.max_length=128", "trainer.batch_size=4",
         "trainer.log_every=1", "trainer.eval_every=0", "trainer.warmup_steps=0"]

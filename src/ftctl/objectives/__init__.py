@@ -1,1 +1,3 @@
-"""Layer 4: the training objectives (sft, the DPO family, reward), registered by name with what each needs."""
+"""Layer 5: the training objectives, registered by name (``objective=NAME``) with what each needs
+(see ``spec.py``). Importing this package registers them: one line per objective."""
+from ftctl.objectives import dpo, reward, sft  # noqa: F401  (each registers its spec)

@@ -1,1 +1,19 @@
-"""Layer 5: what differs between tasks (causal generation, seq2seq, classification) behind one interface."""
+"""Layer 6: what differs between tasks (causal generation, seq2seq, classification) behind one interface
+(``base.Task``); ``task_for(cfg)`` picks one."""
+from __future__ import annotations
+
+from ftctl.tasks.base import Task
+
+
+def task_for(cfg) -> Task:
+    if cfg.get("task", "generate") == "classify":
+        from ftctl.tasks.classify import ClassifyTask
+
+        return ClassifyTask()
+    if cfg.model.get("kind") == "seq2seq":
+        from ftctl.tasks.seq2seq import Seq2SeqTask
+
+        return Seq2SeqTask()
+    from ftctl.tasks.causal import CausalTask
+
+    return CausalTask()

@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from ftctl.data.pipeline import DataBundle, SplitData, describe, split_indices, tokenizer_fingerprint
 from ftctl.core.errors import ConfigError, DataError
 from ftctl.core.registry import CLASSIFY
+from ftctl.tasks.base import Task
 
 log = logging.getLogger("ftctl")
 
@@ -610,3 +611,45 @@ def train_features(cfg, choices, model, tokenizer, bundle: ClassifyBundle, out: 
     log.removeHandler(handler)
     handler.close()
     return out
+
+
+# ----------------------------------------------------------------------------- the task
+class ClassifyTask(Task):
+    name = "classify"
+
+    def build_data(self, cfg, tokenizer):
+        return build_data(cfg, tokenizer)
+
+    def announce_data(self, cfg, bundle, console) -> None:
+        if bundle.balance_report:
+            console.print(f"data.balance={cfg.data.balance}: {bundle.balance_report}", highlight=False)
+            log.info("data.balance=%s: %s", cfg.data.balance, bundle.balance_report)
+
+    def head(self, cfg) -> str:
+        return "classify"
+
+    def labels(self, bundle) -> list[str]:
+        return bundle.labels
+
+    def method(self, cfg) -> str:
+        return f"classify.strategy={cfg.classify.strategy}"
+
+    def adapt(self, model, cfg, *, quantized: bool, steps: int, model_path):
+        return CLASSIFY.get(cfg.classify.strategy)(model, cfg, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+                                                   steps=steps, model_path=model_path)
+
+    def fits_without_steps(self, cfg) -> bool:
+        return cfg.classify.strategy == "features"
+
+    def objective(self, ctx):
+        return Objective(ctx.pad_id, ctx.bundle.labels, ctx.bundle.class_weights)
+
+    def manifest(self, cfg) -> dict:
+        return {"peft_method": cfg.peft.method if cfg.classify.strategy == "lora" else None,
+                "task": "classify", "strategy": cfg.classify.strategy}
+
+    def finish(self, model, bundle, pad_id: int, manifest: dict, console) -> None:
+        with console.status("scoring the classifier on the train, validation and test rows"):
+            result = final_scores(model, bundle, pad_id)
+        manifest.update(classify=result, **headline(result))
+        console.print(summary_line(result), highlight=False)

@@ -206,3 +206,15 @@ def load(ckpt: Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(sched_state)
     set_rng_state(rng)
     return json.loads((ckpt / "state.json").read_text())
+
+
+def resume_arg(value) -> bool | str:
+    """resume=true|false, or a checkpoint path."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    if text.lower() in ("true", "yes", "1"):
+        return True
+    if text.lower() in ("false", "no", "0", ""):
+        return False
+    return text

@@ -68,7 +68,7 @@ def launch(cfg, choices: dict, console, debug: bool = False, dry_run: bool = Fal
 
     from ftctl.core.atomic import atomic_write_json, atomic_write_text
     from ftctl.rundir import default_output_dir, prepare_output_dir
-    from ftctl.train.runner import resume_arg
+    from ftctl.train.checkpoint import resume_arg
 
     if not needed(cfg):
         console.print("one process: `ftctl train` runs in this process (no launcher); set launcher.nproc_per_node "

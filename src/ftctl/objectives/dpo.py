@@ -1,5 +1,5 @@
-"""Objective set-up for the runner: which objective, where the DPO reference comes from, and continuing
-an adapter from an earlier run.
+"""objective=dpo: the DPO family of preference losses (dpo.loss=sigmoid|robust|hinge|ipo|simpo|orpo; see
+losses.py), and where the reference comes from.
 
 The DPO reference is the policy as training starts, found the cheapest way that is exact:
   - a new adapter that starts as the identity (LoRA-style zero init): the same model with the adapter
@@ -21,22 +21,46 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ftctl.core.errors import ConfigError
-from ftctl.objectives.losses import DPO, REFERENCE_FREE, SFT, Reward, Seq2SeqSFT, sequence_logps, targets_only_parts
+from ftctl.methods.peft import is_adapter
+from ftctl.objectives.losses import REFERENCE_FREE, Preference, preference_losses, sequence_logps
+from ftctl.objectives.spec import BuildContext, ObjectiveSpec, register
 from ftctl.rundir import adapter_folder
 
 
-def continue_adapter(model, spec: str, quantized: bool, gradient_checkpointing: bool):
-    """Load an earlier run's adapter onto the base, trainable, to go on training it."""
-    from peft import PeftModel
+class DPO(Preference):
+    name = "dpo"
 
-    from ftctl.methods.peft import prepare
+    def __init__(self, pad_id: int, dpo_cfg, reference=None):
+        """``reference(batch) -> (ref_chosen, ref_rejected)`` for losses that need one, unless the batch
+        carries precomputed ``ref_chosen`` / ``ref_rejected``."""
+        super().__init__(pad_id)
+        self.cfg = dpo_cfg
+        self.reference = reference
+        self.reference_kind: str | None = None  # what the reference is, for the manifest
 
-    folder = adapter_folder(spec)
-    model = prepare(model, quantized, gradient_checkpointing)
-    try:
-        return PeftModel.from_pretrained(model, folder, is_trainable=True)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ConfigError(f"model.adapter={spec}: does not fit model.path ({str(e).splitlines()[0][:200]})") from e
+    def policy_logps(self, model, batch):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        logps, n_tok = sequence_logps(out.logits, batch["labels"])
+        return logps, n_tok, out.logits
+
+    def loss(self, model, batch, n_items, stats=None):
+        c = self.cfg
+        logps, n_tok, logits = self.policy_logps(model, batch)
+        pairs = logps.shape[0] // 2
+        ref_c = ref_r = None
+        if c.loss not in REFERENCE_FREE:
+            if "ref_chosen" in batch:
+                ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
+            else:
+                ref_c, ref_r = self.reference(batch)
+        losses, chosen_r, rejected_r = preference_losses(
+            c.loss, logps[:pairs], logps[pairs:], ref_c, ref_r, chosen_tokens=n_tok[:pairs],
+            rejected_tokens=n_tok[pairs:], beta=c.beta, label_smoothing=c.label_smoothing, simpo_gamma=c.simpo_gamma)
+        if c.loss == "orpo":  # plus the SFT loss on the chosen answers (token-averaged per answer, as in ORPO)
+            losses = losses - logps[:pairs] / n_tok[:pairs].clamp(min=1)
+        if stats is not None:
+            stats.add(losses, chosen_r, rejected_r)
+        return losses.sum() / n_items
 
 
 @contextmanager
@@ -125,37 +149,55 @@ def _identity_at_start(model, objective, examples) -> bool:
     return all(bool((a - b).abs().max() <= 1e-4 * (1 + b.abs().max())) for a, b in zip(on, off))
 
 
-def make_objective(cfg, model, pad_id: int, bundle, model_path, steps: int, console, autocast=None):
-    """The runner's objective for ``cfg.objective``; for DPO, with its reference set up. ``autocast``: the
-    engine's mixed-precision context where SFT may compute logits at the targets only (one process)."""
-    from ftctl.methods.peft import is_adapter
+def _disable_dropout(model) -> None:
+    import torch
 
-    if cfg.get("task", "generate") == "classify":
-        from ftctl.tasks.classify import Objective
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
 
-        return Objective(pad_id, bundle.labels, bundle.class_weights)
-    if cfg.objective == "sft":
-        if cfg.model.get("kind") == "seq2seq":
-            return Seq2SeqSFT(pad_id)
-        parts = targets_only_parts(model) if autocast is not None and cfg.trainer.logits == "targets" else None
-        return SFT(pad_id, None if parts is None else (*parts, autocast))
-    if cfg.objective == "reward":
-        return Reward(pad_id)
+
+def _frozen_reference(model, objective, console):
+    frozen = copy.deepcopy(model).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    console.print("dpo: reference = a frozen copy of the starting weights (dpo.precompute_ref=true avoids "
+                  "the copy)", highlight=False)
+    objective.reference = lambda batch: _pair_logps(frozen, batch)
+    objective.reference_kind = "frozen copy of the starting weights"
+    return objective
+
+
+def _precomputed_reference(ctx: BuildContext, objective):
+    cfg = ctx.cfg
+    why = "model.adapter: the reference is the SFT policy" if cfg.model.adapter and not cfg.dpo.precompute_ref else \
+        "dpo.precompute_ref=true"
+    ctx.console.print(f"dpo: reference log-probabilities precomputed before the first step ({why})", highlight=False)
+    precompute_reference(cfg, ctx.model, objective, ctx.bundle, ctx.model_path, ctx.steps, ctx.console)
+
+    def missing(batch):
+        raise ConfigError("dpo: a batch without precomputed reference log-probabilities (internal error)")
+
+    objective.reference = missing
+    objective.reference_kind = "precomputed from the starting policy"
+    return objective
+
+
+def build(ctx: BuildContext):
+    """The DPO objective with its reference: none (reference-free losses), the base with the adapter
+    disabled, a frozen copy, or log-probabilities precomputed once (the module docstring says when)."""
+    cfg, model, console = ctx.cfg, ctx.model, ctx.console
     dcfg = cfg.dpo
-    objective = DPO(pad_id, dcfg)
+    objective = DPO(ctx.pad_id, dcfg)
     if dcfg.disable_dropout:
-        import torch
-
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
+        _disable_dropout(model)
     if dcfg.loss in REFERENCE_FREE:
         console.print(f"dpo: loss={dcfg.loss} needs no reference model", highlight=False)
         objective.reference_kind = "none"
         return objective
     adapter = is_adapter(model)
     if adapter and not cfg.model.adapter and not dcfg.precompute_ref:
-        if _identity_at_start(model, objective, bundle.train.examples):
+        if _identity_at_start(model, objective, ctx.bundle.train.examples):
             console.print("dpo: reference = the base model with the adapter disabled (no second copy)",
                           highlight=False)
             objective.reference = lambda batch: _pair_logps(model, batch, model.disable_adapter)
@@ -164,22 +206,9 @@ def make_objective(cfg, model, pad_id: int, bundle, model_path, steps: int, cons
         console.print(f"dpo: peft.method={cfg.peft.method} changes the model's outputs at initialisation; the "
                       "reference (the starting policy) is precomputed instead", highlight=False)
     if not adapter and not dcfg.precompute_ref:
-        frozen = copy.deepcopy(model).eval()
-        for p in frozen.parameters():
-            p.requires_grad_(False)
-        console.print("dpo: reference = a frozen copy of the starting weights (dpo.precompute_ref=true avoids "
-                      "the copy)", highlight=False)
-        objective.reference = lambda batch: _pair_logps(frozen, batch)
-        objective.reference_kind = "frozen copy of the starting weights"
-        return objective
-    why = "model.adapter: the reference is the SFT policy" if cfg.model.adapter and not dcfg.precompute_ref else \
-        "dpo.precompute_ref=true"
-    console.print(f"dpo: reference log-probabilities precomputed before the first step ({why})", highlight=False)
-    precompute_reference(cfg, model, objective, bundle, model_path, steps, console)
+        return _frozen_reference(model, objective, console)
+    return _precomputed_reference(ctx, objective)
 
-    def missing(batch):
-        raise ConfigError("dpo: a batch without precomputed reference log-probabilities (internal error)")
 
-    objective.reference = missing
-    objective.reference_kind = "precomputed from the starting policy"
-    return objective
+SPEC = register(ObjectiveSpec("dpo", build, "direct preference optimisation and its variants (dpo.loss=...)",
+                              pairs=True, reference=True))
