@@ -157,3 +157,79 @@ def test_multirun_bad_key_is_one_line():
 def test_unknown_command_exit_2():
     r = run_cli("trian")
     assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+# ----------------------------------------------------------------------------- the table of allowed values
+def test_every_key_of_the_choices_table_is_in_the_schema_with_an_allowed_default():
+    import dataclasses
+
+    from ftctl.config.choices import CHOICES, allowed
+    from ftctl.config.schema import TrainConfig
+
+    defaults = compose()[0]
+    for key, c in CHOICES.items():
+        cls = TrainConfig
+        for part in key.split(".")[:-1]:
+            cls = {f.name: f for f in dataclasses.fields(cls)}[part].default_factory
+        assert key.split(".")[-1] in {f.name for f in dataclasses.fields(cls)}, key
+        value = defaults
+        for part in key.split("."):
+            value = value[part]
+        values = list(value) if c.many else [value]
+        assert all(v in allowed(key) for v in values), (key, value)
+        assert c.meaning and "\n" not in c.meaning and "|" not in c.meaning, key
+
+
+@pytest.mark.parametrize("key", [
+    "model.dtype", "data.train_on", "template.style", "precision.name", "trainer.optimizer", "trainer.scheduler",
+    "distributed.strategy", "logging.wandb_mode", "sweep.direction", "objective", "task", "classify.pooling",
+    "dpo.loss", "peft.method", "quant.method", "template.name",
+])
+def test_validate_refuses_a_value_outside_the_table_and_lists_the_table(key):
+    from ftctl.config.choices import allowed
+
+    with pytest.raises(ConfigError) as e:
+        compose(f"{key}=bogus")
+    assert str(e.value) == f"{key}='bogus' is not allowed; choose one of: {', '.join(allowed(key))}"
+
+
+def test_a_key_the_table_checks_only_under_a_condition():
+    compose("classify.strategy=bogus")  # task=generate: classify.* is not read
+    with pytest.raises(ConfigError, match=r"classify.strategy='bogus' is not allowed; choose one of: features, "):
+        compose("recipe=sms_spam_classify", "classify.strategy=bogus")
+
+
+def test_the_distributed_families_come_from_the_table():
+    from ftctl.config import checks
+    from ftctl.config.choices import DEEPSPEED, ENGINE, SHARDED, STRATEGIES, ZERO_STAGE, allowed
+    from ftctl.experiments import plan
+
+    assert STRATEGIES == allowed("distributed.strategy") == plan.STRATEGIES
+    assert (checks.SHARDED, checks.DEEPSPEED) == (SHARDED, DEEPSPEED)
+    assert SHARDED == ("fsdp", "zero1", "zero2", "zero3", "zero3_offload")
+    assert ZERO_STAGE == {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
+    assert set(ENGINE.values()) == {"single", "ddp", "fsdp", "deepspeed"}
+
+
+def test_the_trackers_come_from_the_table():
+    from ftctl.config.checks import PACKAGES
+    from ftctl.config.choices import TRACKERS, allowed
+
+    assert tuple(PACKAGES) == TRACKERS and allowed("logging.report_to") == ("none",) + TRACKERS
+
+
+def test_the_docs_page_lists_exactly_the_allowed_values_of_each_key():
+    """docs/config-values.md is rendered from the table: python -m ftctl.config.choices > docs/config-values.md"""
+    import re
+    from pathlib import Path
+
+    from ftctl.config.choices import CHOICES, allowed, markdown
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "config-values.md").read_text()
+    rows = {}
+    for line in page.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            rows[re.match(r"`([^`]+)`", cells[0]).group(1)] = tuple(re.findall(r"`([^`]+)`", cells[1]))
+    assert rows == {key: allowed(key) for key in CHOICES}
+    assert page == markdown(), "docs/config-values.md is stale: python -m ftctl.config.choices > docs/config-values.md"

@@ -90,7 +90,7 @@ def parse_plan(args: list[str]) -> PlanArgs:
 
 def check_plan(p: PlanArgs) -> None:
     """The strategy's name, and the config the plan composes (run=: the run's own, which takes no overrides)."""
-    from ftctl.experiments.plan import STRATEGIES
+    from ftctl.config.choices import STRATEGIES
 
     if p.options.strategy and p.options.strategy not in STRATEGIES:
         raise ConfigError(f"strategy={p.options.strategy}: must be one of {', '.join(STRATEGIES)}")

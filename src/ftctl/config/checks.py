@@ -3,15 +3,13 @@ and the facts they share with the launcher and the trackers (process count, stra
 from __future__ import annotations
 
 import os
-from ftctl.core.errors import ConfigError
 from pathlib import Path
 
+from ftctl.config.choices import DEEPSPEED, SHARDED, TRACKERS, allowed
+from ftctl.core.errors import ConfigError
 
-# strategies that always run under torchrun (they need a process group, even of one process)
-SHARDED = ("fsdp", "zero1", "zero2", "zero3", "zero3_offload")
-
-
-DEEPSPEED = ("zero1", "zero2", "zero3", "zero3_offload")
+__all__ = ["DEEPSPEED", "PACKAGES", "SHARDED", "check_distributed", "check_logging", "mlflow_uri", "names",
+           "world_size"]
 
 
 def world_size(cfg) -> int:
@@ -31,8 +29,9 @@ def check_distributed(cfg, where=lambda key: "") -> None:
         raise ConfigError(f"{where('master_port')}launcher.master_port={la.master_port} must be in 1..65535")
     world = world_size(cfg)
     if world > 1 and dist.strategy == "single":
-        raise ConfigError(f"launcher: {world} processes need a multi-process strategy; choose distributed=ddp, fsdp, "
-                          "zero1, zero2, zero3 or zero3_offload")
+        many = [s for s in allowed("distributed.strategy") if s != "single"]
+        raise ConfigError(f"launcher: {world} processes need a multi-process strategy; choose distributed="
+                          f"{', '.join(many[:-1])} or {many[-1]}")
     if world > 1 and tc.batch_size % world:
         raise ConfigError(f"{where('batch_size')}trainer.batch_size={tc.batch_size} must be divisible by the "
                           f"{world} processes (it is the global micro-batch, split evenly across them)")
@@ -40,8 +39,8 @@ def check_distributed(cfg, where=lambda key: "") -> None:
         raise ConfigError("launcher.nnodes > 1: set output_dir= to a folder every machine sees (the run directory "
                           "must be the same on all of them)")
     if dist.deepspeed_config and dist.strategy not in DEEPSPEED:
-        raise ConfigError(f"distributed.deepspeed_config needs a DeepSpeed strategy (distributed=zero1, zero2, zero3 "
-                          f"or zero3_offload), not distributed={dist.strategy}")
+        raise ConfigError(f"distributed.deepspeed_config needs a DeepSpeed strategy (distributed="
+                          f"{', '.join(DEEPSPEED[:-1])} or {DEEPSPEED[-1]}), not distributed={dist.strategy}")
     if dist.deepspeed_config and not Path(dist.deepspeed_config).expanduser().is_file():
         raise ConfigError(f"distributed.deepspeed_config={dist.deepspeed_config}: no such file")
     if dist.strategy in SHARDED and tc.on_nan == "skip":
@@ -58,7 +57,7 @@ def check_distributed(cfg, where=lambda key: "") -> None:
                           f"distributed={dist.strategy}")
 
 
-# tracker -> the packages it imports, and what to install
+# tracker (logging.report_to, ftctl.config.choices.TRACKERS) -> the packages it imports, and what to install
 PACKAGES = {
     "tensorboard": (("tensorboard",), "pip install tensorboard"),
     "mlflow": (("mlflow",), "pip install mlflow"),
@@ -95,14 +94,16 @@ def check_logging(cfg, locate=lambda key: "") -> None:
                           "e.g. [tensorboard,mlflow]")
     chosen = names(cfg)
     for n in chosen:
-        if n not in PACKAGES:
-            raise ConfigError(f"{locate('report_to')}logging.report_to: {n!r} is not a tracker; choose from: none, "
-                              f"{', '.join(PACKAGES)} (several at once: logging.report_to=[tensorboard,mlflow])")
+        if n not in TRACKERS:
+            raise ConfigError(f"{locate('report_to')}logging.report_to: {n!r} is not a tracker; choose from: "
+                              f"{', '.join(allowed('logging.report_to'))} (several at once: "
+                              "logging.report_to=[tensorboard,mlflow])")
     if len(set(chosen)) != len(chosen):
         raise ConfigError(f"{locate('report_to')}logging.report_to={chosen}: a tracker is named twice")
-    if cfg.logging.wandb_mode not in ("auto", "online", "offline"):
+    modes = allowed("logging.wandb_mode")
+    if cfg.logging.wandb_mode not in modes:
         raise ConfigError(f"{locate('wandb_mode')}logging.wandb_mode={cfg.logging.wandb_mode!r} is not allowed; "
-                          "choose one of: auto, online, offline")
+                          f"choose one of: {', '.join(modes)}")
     for n in chosen:
         pkgs, how = PACKAGES[n]
         for pkg in pkgs:

@@ -1,5 +1,7 @@
 """The typed config schema: one dataclass per config group, registered in Hydra's ConfigStore so that a
-misspelt key or a value of the wrong type stops composition."""
+misspelt key or a value of the wrong type stops composition. A key that takes a name has its allowed values in
+ftctl.config.choices (CHOICES), which validate checks against; every such key's default is one of them
+(tests/test_config.py)."""
 from __future__ import annotations
 from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
@@ -297,16 +299,6 @@ class TrainConfig:
     # false | true (newest complete checkpoint in output_dir) | <path to a checkpoint>
     resume: Any = False
     overwrite: bool = False
-
-
-# trainer.optimizer: torch's AdamW and SGD (momentum 0.9), bitsandbytes' 8-bit and paged AdamW, transformers' Adafactor
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor")
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp8")
-
-
-STRATEGIES = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
 
 
 GROUPS = ("model", "data", "template", "peft", "quant", "precision", "trainer", "distributed")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from ftctl.core.errors import ConfigError
 from omegaconf import DictConfig, OmegaConf
-from ftctl.config.schema import OPTIMIZERS, PRECISIONS, STRATEGIES
+from ftctl.config.choices import CHOICES, allowed
 from pathlib import Path
 
 
@@ -26,18 +26,12 @@ def locate(key: str, files: list[Path]) -> str:
 # ----------------------------------------------------------------------------- validate
 def _check_task(cfg: DictConfig, files) -> None:
     """task=classify and model.kind: the combinations that exist."""
-    from ftctl.core import registry
-
-    _allowed(cfg, "task", ("generate", "classify"), files)
-    _allowed(cfg, "model.kind", ("causal", "seq2seq", "encoder"), files)
-    _allowed(cfg, "data.balance", ("none", "oversample", "undersample", "class_weights"), files)
-    _allowed(cfg, "classify.pooling", ("auto", "mean", "cls", "last"), files)
     if (cfg.task == "classify" or cfg.model.kind == "seq2seq") and cfg.distributed.strategy != "single":
         what = "task=classify" if cfg.task == "classify" else "model.kind=seq2seq"
         raise ConfigError(f"distributed={cfg.distributed.strategy} is not available with {what} yet (one process "
                           "only); use distributed=single")
     if cfg.task == "classify":
-        _allowed(cfg, "classify.strategy", registry.CLASSIFY.names(), files)
+        _allowed(cfg, "classify.strategy", files)
         _positive(cfg, "classify.blocks", files)
         _positive(cfg, "classify.C", files)
         if cfg.objective != "sft":
@@ -67,12 +61,21 @@ def _check_task(cfg: DictConfig, files) -> None:
                               "separate sequences); use data.packing=false")
 
 
-def _allowed(cfg: DictConfig, key: str, allowed, files) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value not in allowed:
+def _allowed(cfg: DictConfig, key: str, files) -> None:
+    """``key``'s value is one of the table's (ftctl.config.choices.CHOICES)."""
+    value, values = OmegaConf.select(cfg, key), allowed(key)
+    if value not in values:
         raise ConfigError(
-            f"{locate(key, files)}{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}"
+            f"{locate(key, files)}{key}={value!r} is not allowed; choose one of: {', '.join(map(str, values))}"
         )
+
+
+def check_choices(cfg: DictConfig, files=()) -> None:
+    """Every single-valued key of the table holds an allowed value (a key the table marks ``when=(key, value)``
+    only when that other key has that value); the list-valued keys are checked with their own messages."""
+    for c in CHOICES.values():
+        if not c.many and (c.when is None or OmegaConf.select(cfg, c.when[0]) == c.when[1]):
+            _allowed(cfg, c.key, files)
 
 
 def _positive(cfg: DictConfig, key: str, files, strict: bool = True) -> None:
@@ -95,43 +98,45 @@ def _refuse_targets(node, where: str, files) -> None:
             _refuse_targets(v, f"{where}[{i}]", files)
 
 
-def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
-    from ftctl.core import registry
+def _check_peft(cfg: DictConfig, files) -> None:
+    from ftctl.methods.spec import method_spec
 
-    files = list(files)
-    _refuse_targets(OmegaConf.to_container(cfg, resolve=False), "", files)
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"{', '.join(missing)}: required but not set (e.g. {missing[0]}=...)")
-    _allowed(cfg, "peft.method", registry.ADAPTERS.names(), files)
-    _allowed(cfg, "quant.method", registry.QUANT.names(), files)
-    _allowed(cfg, "template.name", registry.TEMPLATES.names(), files)
-    _allowed(cfg, "precision.name", PRECISIONS, files)
-    _allowed(cfg, "model.dtype", ("auto", "float32", "bfloat16", "float16"), files)
-    _allowed(cfg, "quant.compute_dtype", ("auto", "float32", "bfloat16", "float16"), files)
-    _allowed(cfg, "trainer.scheduler", ("cosine", "linear", "constant"), files)
-    _allowed(cfg, "trainer.optimizer", OPTIMIZERS, files)
-    _allowed(cfg, "peft.prompt_init", ("sample_vocab", "random", "text"), files)
-    from ftctl.methods.peft import PROMPT_METHODS
-
-    if cfg.peft.method in PROMPT_METHODS and cfg.data.packing:
+    spec = method_spec(cfg.peft.method)
+    if not cfg.model.adapter and cfg.get("task", "generate") != "classify":  # else peft.method wraps nothing
+        spec.check_base(cfg.quant.method)
+    if spec.virtual_tokens and cfg.data.packing:
         raise ConfigError(f"{locate('packing', files)}data.packing=true does not work with peft.method={cfg.peft.method}: "
                           "virtual tokens go before each row, and packed rows need their own position ids; "
                           "use data.packing=false")
-    _allowed(cfg, "data.overlong", ("drop", "truncate", "error"), files)
-    _allowed(cfg, "trainer.logits", ("targets", "all"), files)
-    _allowed(cfg, "data.train_on", ("completion", "all", "assistant", "last"), files)
-    _allowed(cfg, "data.bad_rows", ("error", "skip"), files)
-    _allowed(cfg, "template.style", ("plain", "chat"), files)
-    known = registry.METRICS.names() + ["perplexity", "reward_accuracy"]
+    tm = cfg.peft.target_modules
+    if isinstance(tm, str) and tm != "all-linear":
+        try:
+            re.compile(tm)
+        except re.error as e:
+            raise ConfigError(f"{locate('target_modules', files)}peft.target_modules={tm!r} is not a valid regular "
+                              f"expression ({e})") from None
+    elif not (tm is None or tm == "all-linear" or OmegaConf.is_list(tm) and all(isinstance(x, str) for x in tm)):
+        raise ConfigError(f"{locate('target_modules', files)}peft.target_modules={tm!r} must be \"all-linear\", a list "
+                          "of module names (e.g. [q_proj,v_proj]), a regular expression over module names, or null")
+
+
+def _check_data_and_eval(cfg: DictConfig, files) -> None:
+    known = allowed("eval.after_train")
     for m in cfg.eval.after_train:
         if m not in known:
             raise ConfigError(f"{locate('after_train', files)}eval.after_train: metric {m!r} is not known; "
                               f"choose from: {', '.join(known)}")
-    _allowed(cfg, "eval.split", ("validation", "test", "train"), files)
     for i, m in enumerate(cfg.data.mix):
         if not m.weight > 0:
             raise ConfigError(f"{locate('weight', files)}data.mix[{i}].weight={m.weight} must be > 0")
+    for key in ("val_fraction", "test_fraction"):
+        if not 0 <= cfg.data[key] < 1:
+            raise ConfigError(f"{locate(key, files)}data.{key}={cfg.data[key]} must be in [0, 1)")
+    if cfg.data.val_fraction + cfg.data.test_fraction >= 1:
+        raise ConfigError("data.val_fraction + data.test_fraction must be < 1 (some rows must be left to train on)")
+
+
+def _check_template(cfg: DictConfig, files) -> None:
     if cfg.template.name == "flan" and not cfg.template.phrasings:
         raise ConfigError("template=flan needs template.phrasings (choose template=flan_summarize, flan_classify "
                           "or flan_qa, or give your own)")
@@ -144,51 +149,45 @@ def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
         jinja.check(phrasing, where)
     if cfg.template.chat_template:
         jinja.check(cfg.template.chat_template, f"{locate('chat_template', files)}template.chat_template")
-    _allowed(cfg, "trainer.on_nan", ("stop", "skip"), files)
-    _allowed(cfg, "trainer.cpu_allocator", ("release", "default"), files)
-    _allowed(cfg, "sweep.direction", ("auto", "min", "max"), files)
-    _allowed(cfg, "objective", ("sft", "dpo", "reward"), files)
-    _allowed(cfg, "dpo.loss", ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"), files)
+
+
+def _check_ranges(cfg: DictConfig, files) -> None:
     _positive(cfg, "dpo.beta", files)
     if not 0 <= cfg.dpo.label_smoothing < 0.5:
         raise ConfigError(f"{locate('label_smoothing', files)}dpo.label_smoothing={cfg.dpo.label_smoothing} "
                           "must be in [0, 0.5)")
-    _allowed(cfg, "distributed.strategy", STRATEGIES, files)
-    from ftctl.config.checks import check_distributed
-
-    check_distributed(cfg, lambda key: locate(key, files))
-    _check_task(cfg, files)
-    from ftctl.config.checks import check_logging
-
-    check_logging(cfg, lambda key: locate(key, files))
     for key in ("trainer.batch_size", "trainer.grad_accum", "trainer.lr", "data.max_length",
                 "peft.r", "peft.alpha", "trainer.log_every", "trainer.keep_checkpoints", "peft.target_r",
                 "peft.block_size", "peft.n_butterfly_factor", "peft.num_virtual_tokens", "peft.encoder_hidden_size",
                 "peft.adapter_len", "peft.adapter_layers", "peft.loraplus_lr_ratio"):
         _positive(cfg, key, files)
     for key in ("trainer.eval_every", "trainer.save_every", "trainer.weight_decay", "trainer.max_grad_norm",
-                "peft.dropout"):
+                "peft.dropout", "peft.trainable_layers"):
         _positive(cfg, key, files, strict=False)
-    if cfg.trainer.max_steps <= 0 and cfg.trainer.epochs <= 0:
-        raise ConfigError("trainer.max_steps and trainer.epochs are both <= 0; set one of them (e.g. trainer.max_steps=100)")
-    for key in ("val_fraction", "test_fraction"):
-        if not 0 <= cfg.data[key] < 1:
-            raise ConfigError(f"{locate(key, files)}data.{key}={cfg.data[key]} must be in [0, 1)")
-    if cfg.data.val_fraction + cfg.data.test_fraction >= 1:
-        raise ConfigError("data.val_fraction + data.test_fraction must be < 1 (some rows must be left to train on)")
     if not 0 <= cfg.peft.dropout < 1:
         raise ConfigError(f"peft.dropout={cfg.peft.dropout} must be in [0, 1)")
-    tm = cfg.peft.target_modules
-    if isinstance(tm, str) and tm != "all-linear":
-        try:
-            re.compile(tm)
-        except re.error as e:
-            raise ConfigError(f"{locate('target_modules', files)}peft.target_modules={tm!r} is not a valid regular "
-                              f"expression ({e})") from None
-    elif not (tm is None or tm == "all-linear" or OmegaConf.is_list(tm) and all(isinstance(x, str) for x in tm)):
-        raise ConfigError(f"{locate('target_modules', files)}peft.target_modules={tm!r} must be \"all-linear\", a list "
-                          "of module names (e.g. [q_proj,v_proj]), a regular expression over module names, or null")
-    _positive(cfg, "peft.trainable_layers", files, strict=False)
+    if cfg.trainer.max_steps <= 0 and cfg.trainer.epochs <= 0:
+        raise ConfigError("trainer.max_steps and trainer.epochs are both <= 0; set one of them (e.g. trainer.max_steps=100)")
     r = cfg.resume
     if not (isinstance(r, bool) or isinstance(r, str) and r):
         raise ConfigError(f"resume={r!r} must be true, false or a checkpoint path")
+
+
+def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
+    """Allowed values (the table in ftctl.config.choices), combinations and ranges: the first problem as one
+    ConfigError line naming the key, the value and the recipe file:line that set it."""
+    from ftctl.config.checks import check_distributed, check_logging
+
+    files = list(files)
+    _refuse_targets(OmegaConf.to_container(cfg, resolve=False), "", files)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: required but not set (e.g. {missing[0]}=...)")
+    check_choices(cfg, files)
+    _check_peft(cfg, files)
+    _check_data_and_eval(cfg, files)
+    _check_template(cfg, files)
+    check_distributed(cfg, lambda key: locate(key, files))
+    _check_task(cfg, files)
+    check_logging(cfg, lambda key: locate(key, files))
+    _check_ranges(cfg, files)

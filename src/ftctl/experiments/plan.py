@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ftctl.config.choices import STRATEGIES  # distributed.strategy
 from ftctl.core.errors import ConfigError, RunDirError
 
 GiB = 2 ** 30
@@ -58,7 +59,6 @@ KNOWN_CONFIGS = {
 }
 KNOWN_CONFIGS["meta-llama/Llama-3.1-8B"] = KNOWN_CONFIGS["meta-llama/Llama-3.1-8B-Instruct"]
 
-STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp")
 # with weights frozen, a PEFT method's adapted activations; prompt methods and (IA)^3 keep about as much
 FROZEN_BASE = {"full": False, "freeze": False}
 
