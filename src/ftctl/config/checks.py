@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ftctl.config.choices import DEEPSPEED, SHARDED, TRACKERS, allowed
+from ftctl.core.registry import OBJECTIVES
 from ftctl.core.errors import ConfigError
 
 __all__ = ["DEEPSPEED", "PACKAGES", "SHARDED", "check_distributed", "check_logging", "mlflow_uri", "names",
@@ -49,7 +50,7 @@ def check_distributed(cfg, where=lambda key: "") -> None:
     if dist.strategy in SHARDED and cfg.precision.name == "fp8":
         raise ConfigError(f"precision=fp8 works with distributed=single or ddp (Accelerate's FP8 recipe), not "
                           f"distributed={dist.strategy}")
-    if dist.strategy in SHARDED and cfg.objective != "sft":
+    if dist.strategy in SHARDED and not OBJECTIVES.get(cfg.objective).sharded:
         raise ConfigError(f"objective={cfg.objective} works with distributed=single or ddp, not "
                           f"distributed={dist.strategy} (its reference model is not sharded)")
     if dist.strategy in SHARDED and cfg.quant.method != "none":

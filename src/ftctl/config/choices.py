@@ -83,8 +83,8 @@ _TABLE = (
            ("auto", "online", "offline")),
     Choice("sweep.direction", "whether a sweep's best trial has the lowest or highest sweep.metric (auto: min for "
            "losses, perplexity, memory and time)", ("auto", "min", "max")),
-    Choice("objective", "the training loss: next-token SFT, preference pairs (dpo.*), or a reward model",
-           ("sft", "dpo", "reward")),
+    Choice("objective", "the training loss (ftctl/objectives/, a registry): next-token SFT, preference pairs "
+           "(dpo.*), or a reward model", registry="OBJECTIVES"),
     Choice("task", "generate text, or classify with a classification head (classify.*)", ("generate", "classify")),
     Choice("classify.strategy", "task=classify: what trains (features: a logistic regression on frozen embeddings)",
            registry="CLASSIFY", when=("task", "classify")),

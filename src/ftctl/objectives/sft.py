@@ -92,4 +92,5 @@ def build(ctx: BuildContext):
     return SFT(ctx.pad_id, None if parts is None else (*parts, ctx.autocast))
 
 
-SPEC = register(ObjectiveSpec("sft", build, "supervised fine-tuning: cross-entropy on the answer tokens"))
+SPEC = register(ObjectiveSpec("sft", build, "supervised fine-tuning: cross-entropy on the answer tokens",
+                              sharded=True))

@@ -37,6 +37,7 @@ class ObjectiveSpec:
     reference: bool = False    # may need a reference policy (the starting model)
     generation: bool = False   # samples from the policy while it trains
     head: str = "lm"           # "lm": the language-model head; "score": a new scalar head (reward models)
+    sharded: bool = False      # runs under the sharded engines (FSDP, ZeRO): no unsharded second model or head
 
 
 def register(spec: ObjectiveSpec) -> ObjectiveSpec:

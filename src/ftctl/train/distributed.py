@@ -21,9 +21,8 @@ import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
+from ftctl.config.choices import ENGINE, ZERO_STAGE
 from ftctl.core.errors import ConfigError, RunDirError
-
-ZERO_STAGE = {"zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
 
 
 # ----------------------------------------------------------------------------- precision
@@ -432,8 +431,8 @@ class DeepSpeedEngine(ShardedEngine):
         return sd if self.is_main else None
 
 
-ENGINES = {"single": Engine, "ddp": Engine, "fsdp": FSDPEngine, "zero1": DeepSpeedEngine, "zero2": DeepSpeedEngine,
-           "zero3": DeepSpeedEngine, "zero3_offload": DeepSpeedEngine}
+# config.choices.ENGINE says which family each distributed.strategy is; this, which class runs that family
+ENGINES = {"single": Engine, "ddp": Engine, "fsdp": FSDPEngine, "deepspeed": DeepSpeedEngine}
 
 
 def deepspeed_installed() -> bool:
@@ -462,5 +461,5 @@ def make_engine(cfg, mixed: str, log_with) -> Engine:
 
     if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator (libraries import deepspeed when it is installed)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return ENGINES[cfg.distributed.strategy](cfg, mixed, log_with)
+    return ENGINES[ENGINE[cfg.distributed.strategy]](cfg, mixed, log_with)
 

@@ -50,7 +50,7 @@ def worker_env(cfg) -> dict:
     env.setdefault("OMP_NUM_THREADS", str(cfg.trainer.num_threads or max(1, (os.cpu_count() or 1) // n)))
     if cfg.distributed.strategy in DEEPSPEED and not _cuda():
         env.setdefault("DS_ACCELERATOR", "cpu")
-    src = str(Path(__file__).resolve().parents[1])  # the workers import this same ftctl
+    src = str(Path(__file__).resolve().parents[2])  # src/: the workers import this same ftctl
     env["PYTHONPATH"] = os.pathsep.join(p for p in [src, env.get("PYTHONPATH", "")] if p)
     return env
 
