@@ -662,6 +662,71 @@ def trial_overrides(trial: Path) -> list[str]:
     return []
 
 
+# ----------------------------------------------------------------------------- the best trial of a sweep
+TRIAL_FILE = "trial.json"  # a trial's record, written by `ftctl train -m` (experiments/sweep.py)
+LOWER_IS_BETTER = ("loss", "perplexity", "peak_memory", "time")
+
+
+def metric_direction(metric: str, direction: str = "auto") -> str:
+    """min or max: ``direction`` when it says, else min for losses, perplexity, memory and time, max otherwise."""
+    if direction in ("min", "max"):
+        return direction
+    return "min" if any(w in metric for w in LOWER_IS_BETTER) else "max"
+
+
+def trial_value(man: dict, metric: str):
+    """The value of ``metric`` in a run's manifest: val_loss, train_loss, tokens_per_s, peak_memory,
+    wall_time, a validation figure (val_accuracy, ...) or an eval.after_train score (rougeL, ...)."""
+    direct = {"val_loss": "final_val_loss", "train_loss": "final_train_loss", "tokens_per_s": "train_tokens_per_s",
+              "peak_memory": "peak_memory_bytes", "wall_time": "wall_time_s"}
+    if metric in direct:
+        v = man.get(direct[metric])
+    elif metric in (man.get("final_val") or {}):
+        v = man["final_val"][metric]
+    else:
+        v = (man.get("eval") or {}).get(metric)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def read_trial(d: Path) -> dict:
+    """One trial folder of a sweep: dir, manifest, record (its trial.json), overrides, status and error. The
+    status is the manifest's, unless trial.json says the trial failed, was preempted or never ran (e.g.
+    eval.after_train failed after training finished)."""
+    d = Path(d)
+    man, record = _read_json(d / "manifest.json"), _read_json(d / TRIAL_FILE)
+    status = man.get("status") or record.get("status") or "unknown"
+    if record.get("status") in ("failed", "preempted", "not run") and status in ("finished", "running"):
+        status = record["status"]
+    return {"dir": d, "manifest": man, "record": record, "overrides": record.get("overrides") or trial_overrides(d),
+            "status": status, "error": record.get("error") or man.get("error")}
+
+
+def best_trial(trials: list[dict], metric: str | None = None, direction: str | None = None):
+    """The one rule for a sweep's best trial, used by ``ftctl sweep report`` and the sweep page of ``ftctl report``.
+
+    ``trials`` are read_trial dicts. The metric is ``metric``, else the sweep.metric recorded in trial.json, else
+    val_loss; the direction is ``direction``, else the sweep.direction recorded with that metric, else
+    metric_direction's. The best is the finished trial with the best value (the first of equal ones).
+    Returns (metric, direction, each trial's value or None, the best trial's index or None)."""
+    recorded = next((t["record"] for t in trials if t["record"].get("metric")), {})
+    metric = metric or recorded.get("metric") or "val_loss"
+    if direction is None:
+        direction = recorded.get("direction", "auto") if metric == recorded.get("metric") else "auto"
+    direction = metric_direction(metric, direction)
+    values = [trial_value(t["manifest"], metric) if t["status"] == "finished" else None for t in trials]
+    done = [i for i, v in enumerate(values) if v is not None]
+    best = (min if direction == "min" else max)(done, key=lambda i: values[i]) if done else None
+    return metric, direction, values, best
+
+
 def sweep_loss_figure(trials: list[dict]):
     """Every trial's training loss (lines) and validation loss (squares) overlaid. trials: dicts with train,
     val, label and (optionally) best. Line styles cycle with the colours so that trials with identical curves
@@ -697,17 +762,18 @@ def sweep_loss_figure(trials: list[dict]):
     return fig
 
 
-def sweep_report_html(folder: Path, trial_dirs: list[Path]) -> tuple[str, dict]:
+def _sweep_trials(trial_dirs: list[Path]) -> tuple[list[dict], list[str]]:
+    """read_trial of each folder with its metrics, eval scores and label; and the overrides that vary."""
     trials = []
     for d in trial_dirs:
-        man = read_manifest(d) or {}
+        t = read_trial(d)
         train, val = split_rows(read_metrics(d))
         evals = read_evals(d)
-        scores = dict(man.get("eval") or {})
+        scores = dict(t["manifest"].get("eval") or {})
         if not scores and evals:
             scores = dict(next(iter(evals[-1][1]["results"].values()), {}) or {})
         scores.pop("seconds", None)
-        trials.append({"dir": d, "man": man, "train": train, "val": val, "overrides": trial_overrides(d),
+        trials.append({**t, "man": t["manifest"], "train": train, "val": val, "overrides": trial_overrides(d),
                        "scores": {k: v for k, v in scores.items() if _num(v)}})
     # the overrides that differ between trials are what the sweep varies
     keyed = [dict(o.split("=", 1) for o in t["overrides"] if "=" in o) for t in trials]
@@ -716,30 +782,44 @@ def sweep_report_html(folder: Path, trial_dirs: list[Path]) -> tuple[str, dict]:
     for t, kv in zip(trials, keyed):
         shown = [f"{k}={kv[k]}" for k in varying if k in kv]
         t["label"] = " ".join(shown) or t["dir"].name
+    return trials, varying
+
+
+def _sweep_table(folder: Path, trials: list[dict], varying: list[str], metric: str) -> str:
+    """One row per trial, the best (t["best"]) highlighted; a column for the metric when no other shows it."""
     metrics = list(dict.fromkeys(k for t in trials for k in t["scores"]))
-    finals = [t["man"].get("final_val_loss") for t in trials]
-    best = min((v for v in finals if _num(v)), default=None)
-    figs = {"sweep_loss": sweep_loss_figure(trials)}
+    own = metric not in ("val_loss", "train_loss", *metrics)
     head = ("<tr><th>trial</th><th>overrides</th><th>status</th><th class=num>steps</th>"
             "<th class=num>final train loss</th><th class=num>final val loss</th>"
-            + "".join(f"<th class=num>{_e(m)}</th>" for m in metrics) + "</tr>")
+            + "".join(f"<th class=num>{_e(m)}</th>" for m in metrics)
+            + (f"<th class=num>{_e(metric)}</th>" if own else "") + "</tr>")
     rows = []
     for t in trials:
         man = t["man"]
         ov = " ".join(f"<b>{_e(o)}</b>" if o.split("=", 1)[0] in varying else _e(o) for o in t["overrides"])
         last = t["train"][-1]["step"] if t["train"] else None
-        cls = ' class="best"' if best is not None and man.get("final_val_loss") == best else ""
+        cls = ' class="best"' if t["best"] else ""
         rows.append(f"<tr{cls}><td><a href=\"#trial-{_e(t['dir'].name)}\">{_e(t['dir'].relative_to(folder))}</a></td>"
-                    f"<td>{ov or '<span class=muted>(defaults)</span>'}</td><td>{_status(man.get('status'))}</td>"
+                    f"<td>{ov or '<span class=muted>(defaults)</span>'}</td><td>{_status(t['status'])}</td>"
                     f"<td class=num>{_e(_fmt(last))}</td><td class=num>{_e(_fmt(man.get('final_train_loss')))}</td>"
                     f"<td class=num>{_e(_fmt(man.get('final_val_loss')))}</td>"
-                    + "".join(f"<td class=num>{_e(_fmt(t['scores'].get(m)))}</td>" for m in metrics) + "</tr>")
+                    + "".join(f"<td class=num>{_e(_fmt(t['scores'].get(m)))}</td>" for m in metrics)
+                    + (f"<td class=num>{_e(_fmt(t['value']))}</td>" if own else "") + "</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def sweep_report_html(folder: Path, trial_dirs: list[Path]) -> tuple[str, dict]:
+    trials, varying = _sweep_trials(trial_dirs)
+    metric, direction, values, best = best_trial(trials)  # the same rule as ftctl sweep report
+    for i, (t, v) in enumerate(zip(trials, values)):
+        t["value"], t["best"] = v, i == best
+    figs = {"sweep_loss": sweep_loss_figure(trials)}
     body = [f"<h1>ftctl sweep {_e(folder.name)}</h1>", f'<p class="sub">{_e(folder.resolve())} — {len(trials)} '
             f"trials{', varying ' + _e(', '.join(varying)) if varying else ''}</p>",
             "<h2>Trials</h2>",
-            f"<table>{head}{''.join(rows)}</table>",
-            '<p class="muted">Bold: the overrides that differ between trials. Highlighted: the lowest final '
-            "validation loss.</p>",
+            _sweep_table(folder, trials, varying, metric),
+            f'<p class="muted">Bold: the overrides that differ between trials. Highlighted: the best finished trial '
+            f"by {_e(metric)} ({'lowest' if direction == 'min' else 'highest'}), as in ftctl sweep report.</p>",
             "<h2>Loss curves</h2>",
             f'<figure>{_img(_png(figs["sweep_loss"]), "loss of every trial")}<figcaption>every trial\'s loss; '
             "colours and line styles follow the legend</figcaption></figure>",
@@ -752,7 +832,7 @@ def sweep_report_html(folder: Path, trial_dirs: list[Path]) -> tuple[str, dict]:
             fig.axes[0].set_title(f"trial {t['dir'].name}: {t['label']}", fontsize=10)
             thumb = _img(_png(fig), f"loss of trial {t['dir'].name}")
         body.append(f'<figure id="trial-{_e(t["dir"].name)}">{thumb}<figcaption>trial {_e(t["dir"].relative_to(folder))}'
-                    f": {_e(t['label'])} — {_e(t['man'].get('status'))}</figcaption></figure>")
+                    f": {_e(t['label'])} — {_e(t['status'])}</figcaption></figure>")
     body.append("</div>")
     return _page(f"ftctl sweep {folder.name}", "\n".join(body)), figs
 

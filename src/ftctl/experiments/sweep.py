@@ -1,7 +1,7 @@
 """`ftctl train -m ...`: Hydra's multirun over the same composition, and the sweep report.
 
 Each trial gets its own run directory under multirun/<recipe>/<time>/<n> with a ``trial.json`` (its
-overrides, status, error and the sweep metric's value); a failed trial is recorded and the sweep goes on;
+overrides, status, error, the sweep metric with its direction, and its value); a failed trial is recorded and the sweep goes on;
 Ctrl-C (or SIGTERM) saves the running trial's checkpoint and stops, the finished trials intact. Hydra's
 sweeper and launcher plugins work as they do in any Hydra app: ``hydra/sweeper=optuna`` (search over
 ``interval(a,b)``, ``choice(...)`` and ``range(...)`` with ``hydra.sweeper.n_trials``),
@@ -11,7 +11,7 @@ optimises.
 
 ``ftctl sweep report DIR`` (also printed when a sweep ends): one row per trial with the swept values,
 trainable parameters, final train and validation loss, the eval.after_train metrics, tokens/s, peak memory
-and wall time, the best trial marked; written as DIR/report.md and DIR/report.csv, with
+and wall time, the best trial marked (report.best_trial, the rule of ``ftctl report``'s sweep page too); written as DIR/report.md and DIR/report.csv, with
 DIR/plots/sweep_metric.png (the metric against each swept value) and DIR/plots/sweep_loss.png (every
 trial's loss curves overlaid).
 """
@@ -28,99 +28,88 @@ from pathlib import Path
 from typing import Optional
 
 from ftctl.core.errors import ConfigError, RunDirError
-
-TRIAL_FILE = "trial.json"
-LOWER_IS_BETTER = ("loss", "perplexity", "peak_memory", "time")
+from ftctl.report import TRIAL_FILE, best_trial, metric_direction, read_trial, trial_value
 
 
 # ----------------------------------------------------------------------------- the sweep
-def _direction(metric: str, direction: str) -> str:
-    if direction in ("min", "max"):
-        return direction
-    return "min" if any(w in metric for w in LOWER_IS_BETTER) else "max"
-
-
 def _sweeper(overrides: list[str]) -> str | None:
     return next((o.split("=", 1)[1] for o in overrides if o.startswith(("hydra/sweeper=", "+hydra/sweeper="))), None)
 
 
-def multirun(overrides: list[str], debug: bool = False) -> int:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+def _sweep_metric(overrides: list[str]) -> tuple[str, str]:
+    """(sweep.metric, its direction) from the composition without the swept values; val_loss, min if it fails
+    for another reason than the config."""
+    from ftctl.config.compose import compose
 
-    from ftctl.config.compose import compose, prepare_overrides, recipe_search_path
-    from ftctl.config.schema import register_schemas
-    from ftctl.config.validate import validate
-    from ftctl.core.errors import Preempted
-    from ftctl.core.paths import config_dir
-
-    register_schemas()
-    overrides = prepare_overrides(overrides)
-    recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), "train")
-    sweep_dir = Path(f"multirun/{recipe.replace(',', '+')}/{datetime.now():%Y%m%d-%H%M%S}")
     plain = [o for o in overrides if not o.startswith(("hydra", "+hydra")) and "(" not in o]
-    try:  # the sweep metric and its direction, from the composition without the swept values
+    try:
         from ftctl.config.compose import first_trial
 
         scfg, _ = compose("train", first_trial(plain))
-        metric, direction = str(scfg.sweep.metric), _direction(str(scfg.sweep.metric), str(scfg.sweep.direction))
+        return str(scfg.sweep.metric), metric_direction(str(scfg.sweep.metric), str(scfg.sweep.direction))
     except ConfigError:
         raise
     except Exception:
-        metric, direction = "val_loss", "min"
+        return "val_loss", "min"
+
+
+def _hydra_argv(overrides: list[str], sweep_dir: Path, direction: str) -> list[str]:
+    """Hydra's command line for the multirun: the overrides, Optuna's direction (unless given), the sweep folder."""
+    from ftctl.config.compose import recipe_search_path
+
     extra = []
     if _sweeper(overrides) == "optuna" and not any(o.startswith("hydra.sweeper.direction=") for o in overrides):
         extra.append(f"hydra.sweeper.direction={'minimize' if direction == 'min' else 'maximize'}")
-    stopped: list[Exception] = []
+    return ["ftctl-train", "-m", *overrides, *extra, recipe_search_path(),
+            f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}",
+            "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
-    @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
-    def job(cfg):
-        hc = HydraConfig.get()
-        trial_dir = Path(hc.runtime.output_dir)
-        label = " ".join(hc.overrides.task) or "(defaults)"
-        record = {"overrides": list(hc.overrides.task), "job": hc.job.num, "metric": metric,
-                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        if stopped:
-            _write_trial(trial_dir, {**record, "status": "not run", "error": "the sweep was stopped"})
-            return math.nan
-        _write_trial(trial_dir, {**record, "status": "running"})
-        try:
-            validate(cfg)
-            with open_dict(cfg):
-                if not cfg.output_dir:
-                    cfg.output_dir = str(trial_dir)
-            from ftctl.train.runner import train
 
-            out = train(cfg, {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v},
-                        debug=debug)
-            value = trial_value(json.loads((Path(out) / "manifest.json").read_text()), metric)
-            _write_trial(trial_dir, {**record, "status": "finished", "value": value, "run": str(out)})
-            return value if value is not None else math.nan
-        except Preempted as e:  # SIGTERM/SIGINT stops the whole sweep; the finished trials stay
-            stopped.append(e)
-            _write_trial(trial_dir, {**record, "status": "preempted", "error": str(e)})
-            return math.nan
-        except Exception as e:  # one failed trial must not end the sweep
-            if debug:
-                raise
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"ftctl: trial [{label}] failed: {msg}", file=sys.stderr)
-            _write_trial(trial_dir, {**record, "status": "failed", "error": msg})
-            return math.nan  # Optuna records a NaN as a failed trial and goes on
+def _run_trial(cfg, metric: str, direction: str, stopped: list, debug: bool) -> float:
+    """One trial, inside Hydra's job: train into the trial's folder and record it in trial.json; returns the
+    sweep metric (NaN when the trial failed, was preempted or did not run)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
 
-    argv = sys.argv
-    sys.argv = ["ftctl-train", "-m", *overrides, *extra, recipe_search_path(),
-                f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}",
-                "hydra/job_logging=none", "hydra/hydra_logging=none"]
-    interrupted = False
+    from ftctl.config.validate import validate
+    from ftctl.core.errors import Preempted
+
+    hc = HydraConfig.get()
+    trial_dir = Path(hc.runtime.output_dir)
+    label = " ".join(hc.overrides.task) or "(defaults)"
+    record = {"overrides": list(hc.overrides.task), "job": hc.job.num, "metric": metric, "direction": direction,
+              "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if stopped:
+        _write_trial(trial_dir, {**record, "status": "not run", "error": "the sweep was stopped"})
+        return math.nan
+    _write_trial(trial_dir, {**record, "status": "running"})
     try:
-        job()
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"ftctl: sweep interrupted; finished trials are in {sweep_dir}", file=sys.stderr)
-    finally:
-        sys.argv = argv
+        validate(cfg)
+        with open_dict(cfg):
+            if not cfg.output_dir:
+                cfg.output_dir = str(trial_dir)
+        from ftctl.train.loop import train
+
+        out = train(cfg, {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v},
+                    debug=debug)
+        value = trial_value(json.loads((Path(out) / "manifest.json").read_text()), metric)
+        _write_trial(trial_dir, {**record, "status": "finished", "value": value, "run": str(out)})
+        return value if value is not None else math.nan
+    except Preempted as e:  # SIGTERM/SIGINT stops the whole sweep; the finished trials stay
+        stopped.append(e)
+        _write_trial(trial_dir, {**record, "status": "preempted", "error": str(e)})
+        return math.nan
+    except Exception as e:  # one failed trial must not end the sweep
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"ftctl: trial [{label}] failed: {msg}", file=sys.stderr)
+        _write_trial(trial_dir, {**record, "status": "failed", "error": msg})
+        return math.nan  # Optuna records a NaN as a failed trial and goes on
+
+
+def _sweep_exit(sweep_dir: Path, interrupted: bool, stopped: list) -> int:
+    """The report of what ran, and the exit status: 0 all finished, 1 a trial failed, 130 Ctrl-C, or the stop's."""
     if not sweep_dir.is_dir():
         return 130 if interrupted else 1
     from ftctl.core.console import make_console
@@ -136,6 +125,37 @@ def multirun(overrides: list[str], debug: bool = False) -> int:
     return 1 if failed else 0
 
 
+def multirun(overrides: list[str], debug: bool = False) -> int:
+    import hydra
+
+    from ftctl.config.compose import prepare_overrides
+    from ftctl.config.schema import register_schemas
+    from ftctl.core.paths import config_dir
+
+    register_schemas()
+    overrides = prepare_overrides(overrides)
+    recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), "train")
+    sweep_dir = Path(f"multirun/{recipe.replace(',', '+')}/{datetime.now():%Y%m%d-%H%M%S}")
+    metric, direction = _sweep_metric(overrides)
+    stopped: list[Exception] = []
+
+    @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
+    def job(cfg):
+        return _run_trial(cfg, metric, direction, stopped, debug)
+
+    argv = sys.argv
+    sys.argv = _hydra_argv(overrides, sweep_dir, direction)
+    interrupted = False
+    try:
+        job()
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"ftctl: sweep interrupted; finished trials are in {sweep_dir}", file=sys.stderr)
+    finally:
+        sys.argv = argv
+    return _sweep_exit(sweep_dir, interrupted, stopped)
+
+
 def _write_trial(trial_dir: Path, record: dict) -> None:
     from ftctl.core.atomic import atomic_write_json
 
@@ -145,21 +165,7 @@ def _write_trial(trial_dir: Path, record: dict) -> None:
     atomic_write_json(trial_dir / TRIAL_FILE, record)
 
 
-# ----------------------------------------------------------------------------- a trial's figures
-def trial_value(man: dict, metric: str):
-    """The value of ``metric`` in a run's manifest: val_loss, train_loss, tokens_per_s, peak_memory,
-    wall_time, a validation figure (val_accuracy, ...) or an eval.after_train score (rougeL, ...)."""
-    direct = {"val_loss": "final_val_loss", "train_loss": "final_train_loss", "tokens_per_s": "train_tokens_per_s",
-              "peak_memory": "peak_memory_bytes", "wall_time": "wall_time_s"}
-    if metric in direct:
-        v = man.get(direct[metric])
-    elif metric in (man.get("final_val") or {}):
-        v = man["final_val"][metric]
-    else:
-        v = (man.get("eval") or {}).get(metric)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
+# ----------------------------------------------------------------------------- a sweep's trials
 def find_trials(folder: Path, depth: int = 3) -> list[Path]:
     """Trial folders (with trial.json, a manifest.json or Hydra's .hydra/) under a sweep folder, in natural order."""
     from ftctl.report import find_trials as with_manifest
@@ -177,44 +183,25 @@ def find_trials(folder: Path, depth: int = 3) -> list[Path]:
 
 
 def collect(folder: Path, metric: str | None = None) -> tuple[list[dict], list[str], str, str]:
-    """(rows, swept keys, metric, direction) for the trials of a sweep folder."""
-    from ftctl.report import trial_overrides
-
+    """(rows, swept keys, metric, direction) for the trials of a sweep folder; the best trial by
+    report.best_trial, the rule the sweep page of ``ftctl report`` follows too."""
     folder = Path(folder)
     rows = []
     for d in find_trials(folder):
-        man = _read_json(d / "manifest.json")
-        trial = _read_json(d / TRIAL_FILE)
-        overrides = trial.get("overrides") or trial_overrides(d)
-        status = man.get("status") or trial.get("status") or "unknown"
-        if trial.get("status") in ("failed", "preempted", "not run") and status in ("finished", "running"):
-            status = trial["status"]  # e.g. eval.after_train or the report failed after training
-        rows.append({"trial": str(d.relative_to(folder)), "dir": d, "overrides": overrides, "status": status,
-                     "error": trial.get("error") or man.get("error"), "manifest": man,
-                     "metric_name": trial.get("metric")})
+        t = read_trial(d)
+        rows.append({"trial": str(d.relative_to(folder)), **t, "metric_name": t["record"].get("metric")})
     keyed = [dict(o.split("=", 1) for o in r["overrides"] if "=" in o) for r in rows]
     all_keys = list(dict.fromkeys(k for kv in keyed for k in kv))
     swept = [k for k in all_keys if len({kv.get(k) for kv in keyed}) > 1]
-    metric = metric or next((r["metric_name"] for r in rows if r["metric_name"]), None) or "val_loss"
-    direction = _direction(metric, "auto")
-    for r, kv in zip(rows, keyed):
+    metric, direction, values, best = best_trial(rows, metric)
+    for i, (r, kv, value) in enumerate(zip(rows, keyed, values)):
         man = r["manifest"]
         r["swept"] = {k: kv.get(k) for k in swept}
-        r["value"] = trial_value(man, metric) if r["status"] == "finished" else None
+        r["value"] = value
         r["scores"] = {k: v for k, v in (man.get("eval") or {}).items()
                        if k != "seconds" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    done = [r for r in rows if r["value"] is not None]
-    best = (min if direction == "min" else max)(done, key=lambda r: r["value"]) if done else None
-    for r in rows:
-        r["best"] = r is best
+        r["best"] = i == best
     return rows, swept, metric, direction
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 # ----------------------------------------------------------------------------- the report
