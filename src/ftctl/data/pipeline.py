@@ -28,6 +28,7 @@ log = logging.getLogger("ftctl")
 
 PIPELINE_VERSION = "6"  # bump when rendering or tokenization changes, so old caches are not reused
 SHOW_BAD = 3  # how many skipped rows are named in the report
+CACHE_DONE = "ftctl-done"  # written last into a cache entry: an entry without it is never read
 
 
 @dataclass
@@ -183,16 +184,11 @@ def _where(spec: str) -> str:
     return str(p.resolve()) if p.exists() else spec
 
 
-def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_cfg, tokenizer, seed: int,
-                    limit: int | None = None, tok_fp: str | None = None, subset: str | None = None,
-                    seq2seq: bool = False):
-    """The cached, tokenized table of one source: a ``datasets.Dataset`` with one record per source
-    row (bad ones marked), and whether it came from the cache."""
-    import datasets
+def _cache_key(spec: str, key: str, split: str | None, data_cfg, tcfg: dict, tokenizer, seed: int,
+               limit: int | None, tok_fp: str | None, subset: str | None, seq2seq: bool) -> tuple[dict, str]:
+    """(what the tokenized table depends on, its digest): the cache entry's name and its ftctl-done record."""
+    from ftctl.data.sources import source_fingerprint
 
-    from ftctl.data.sources import read_source, source_fingerprint
-
-    tcfg = OmegaConf.to_container(template_cfg, resolve=True) if OmegaConf.is_config(template_cfg) else dict(template_cfg)
     uses_seed = tcfg.get("name") == "flan"
     parts = {
         "version": PIPELINE_VERSION, "source": source_fingerprint(spec, key, split, subset), "limit": limit,
@@ -204,28 +200,38 @@ def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_c
     }
     if seq2seq:  # source and target as two sequences (only then, so other caches keep their keys)
         parts["seq2seq"] = True
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    folder = _cache_root() / digest
-    use_cache = data_cfg.get("cache", True) if hasattr(data_cfg, "get") else True
-    if use_cache and (folder / "ftctl-done").is_file():
-        try:
-            return datasets.load_from_disk(str(folder)), True
-        except Exception as e:  # a damaged cache entry is rebuilt, never trusted
-            log.warning("data cache %s unreadable (%s); rebuilding", folder, e)
-            shutil.rmtree(folder, ignore_errors=True)
+    return parts, hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
-    src = read_source(spec, key, split, subset)
-    records = src.records[:limit] if limit else src.records
-    table = datasets.Dataset.from_dict({
+
+def _load_cached(folder: Path):
+    """The finished cache entry in ``folder`` (one with its marker file), or None; a damaged one is removed."""
+    import datasets
+
+    if not (folder / CACHE_DONE).is_file():
+        return None
+    try:
+        return datasets.load_from_disk(str(folder))
+    except Exception as e:  # a damaged cache entry is rebuilt, never trusted
+        log.warning("data cache %s unreadable (%s); rebuilding", folder, e)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+def _source_table(records):
+    """The source's rows as a ``datasets.Dataset``: index, location, the row as JSON, and its read error."""
+    import datasets
+
+    return datasets.Dataset.from_dict({
         "idx": list(range(len(records))),
         "loc": [r.loc for r in records],
         # ASCII-escaped, and dates and the like as text, so any row survives the trip through Arrow
         "row": [json.dumps(r.row, default=str) if r.row is not None else "" for r in records],
         "read_error": [r.error or "" for r in records],
     })
-    tpl = TEMPLATES.get(tcfg.get("name", "alpaca"))
-    ctx = Context(cfg=tcfg, tokenizer=tokenizer, seed=seed)
 
+
+def _row_mapper(tpl, ctx: Context, tokenizer, data_cfg, seq2seq: bool):
+    """The batched function of ``datasets.map``: each source row to a record of the cached table."""
     def fn(batch):
         cols: dict[str, list] = {}
         for row_json, err in zip(batch["row"], batch["read_error"]):
@@ -242,8 +248,14 @@ def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_c
             for k, v in rec.items():
                 cols.setdefault(k, []).append(v)
         return cols
+    return fn
 
-    features = datasets.Features({
+
+def _features():
+    """The columns of the cached table, typed."""
+    import datasets
+
+    return datasets.Features({
         "idx": datasets.Value("int64"), "loc": datasets.Value("string"), "status": datasets.Value("string"),
         "error": datasets.Value("string"), "input_ids": datasets.Sequence(datasets.Value("int32")),
         "labels": datasets.Sequence(datasets.Value("int32")),
@@ -252,11 +264,35 @@ def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_c
         "reference": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string")),
         "length": datasets.Value("int64"), "truncated": datasets.Value("bool"),
     })
+
+
+def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_cfg, tokenizer, seed: int,
+                    limit: int | None = None, tok_fp: str | None = None, subset: str | None = None,
+                    seq2seq: bool = False):
+    """The cached, tokenized table of one source: a ``datasets.Dataset`` with one record per source
+    row (bad ones marked), and whether it came from the cache."""
+    import datasets
+
+    from ftctl.data.sources import read_source
+
+    tcfg = OmegaConf.to_container(template_cfg, resolve=True) if OmegaConf.is_config(template_cfg) else dict(template_cfg)
+    parts, digest = _cache_key(spec, key, split, data_cfg, tcfg, tokenizer, seed, limit, tok_fp, subset, seq2seq)
+    folder = _cache_root() / digest
+    use_cache = data_cfg.get("cache", True) if hasattr(data_cfg, "get") else True
+    cached = _load_cached(folder) if use_cache else None
+    if cached is not None:
+        return cached, True
+
+    src = read_source(spec, key, split, subset)
+    records = src.records[:limit] if limit else src.records
+    table = _source_table(records)
+    fn = _row_mapper(TEMPLATES.get(tcfg.get("name", "alpaca")), Context(cfg=tcfg, tokenizer=tokenizer, seed=seed),
+                     tokenizer, data_cfg, seq2seq)
     show = len(records) >= 5000 and os.isatty(2)
     if not show:
         datasets.disable_progress_bars()
     try:
-        out = table.map(fn, batched=True, batch_size=256, remove_columns=["row", "read_error"], features=features,
+        out = table.map(fn, batched=True, batch_size=256, remove_columns=["row", "read_error"], features=_features(),
                         new_fingerprint=digest, desc=f"tokenizing {src.where}")
         if use_cache:
             _save(out, folder, parts)
@@ -267,18 +303,24 @@ def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_c
 
 
 def _save(table, folder: Path, parts: dict) -> None:
-    """Write a cache entry atomically: a temporary folder, a marker file last, then a rename."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    """Write a cache entry with core.atomic's atomic_folder: the table and then, last, the marker file (what
+    they were made from) into a temporary folder, renamed into place. A finished entry written meanwhile by
+    another process is kept; an unfinished one (no marker) is replaced. A failure (a full disk, a read-only
+    cache) is a warning: it costs speed next time, not this run."""
+    from ftctl.core.atomic import atomic_folder
+    from ftctl.core.errors import ModelNotFoundError
+
+    def build(tmp: Path) -> None:
         table.save_to_disk(str(tmp))
-        (tmp / "ftctl-done").write_text(json.dumps(parts, sort_keys=True, default=str))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    except OSError as e:  # a full disk or read-only cache costs speed next time, not this run
+        (tmp / CACHE_DONE).write_text(json.dumps(parts, sort_keys=True, default=str))
+
+    if (folder / CACHE_DONE).is_file():
+        return
+    try:
+        shutil.rmtree(folder, ignore_errors=True)  # an unfinished or damaged entry, never trusted
+        atomic_folder(folder, build)
+    except (OSError, ModelNotFoundError) as e:  # ModelNotFoundError: another writer's unfinished folder, meanwhile
         log.warning("could not write the data cache %s: %s", folder, e)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- splits
