@@ -54,7 +54,6 @@ def test_plan_nf4_weight_bytes_match_bitsandbytes():
 def test_plan_activation_estimate_matches_autograd_saved_tensors(mode):
     """What autograd keeps for the backward pass of a Llama block, measured with saved_tensors_hooks,
     against plan's per-layer formula (the difference of a 3-layer and a 1-layer model: per layer)."""
-    from omegaconf import OmegaConf
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ftctl.core.registry import ADAPTERS

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 
 TINY = ["model=tiny_llama", "trainer.max_steps=2", "data.limit=32", "trainer.eval_every=0", "logging.plots=false"]
 

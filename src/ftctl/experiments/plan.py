@@ -33,9 +33,7 @@ parameters, plus the attention scores (12 x layers x length x hidden per token).
 """
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -295,8 +293,6 @@ def per_device(parts: dict, strategy: str, n: int) -> dict:
 
 
 def estimate(cfg, pcfg: PlanConfig) -> dict:
-    import torch
-
     if pcfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={pcfg.device}: must be auto, cpu or cuda")
     _DEVICE["type"] = None if pcfg.device == "auto" else pcfg.device
