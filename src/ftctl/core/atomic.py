@@ -58,3 +58,21 @@ def atomic_folder(target: Path, build) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def replace_folder(target: Path, build) -> Path:
+    """Write a folder that replaces ``target``: ``build(tmp)`` fills a temporary sibling (stale ones, left by a
+    killed writer, are removed first), then it takes ``target``'s place; a failure leaves ``target`` as it was."""
+    target = Path(target)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(tmp, target)
+    return target

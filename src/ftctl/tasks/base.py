@@ -40,6 +40,10 @@ class Task:
         """True where the task trains without gradient steps (classify.strategy=features)."""
         return False
 
+    def fit_without_steps(self, cfg, model, bundle, tokenizer, out, console):
+        """Where fits_without_steps: fit, write the final folder; returns it and the manifest's additions."""
+        raise NotImplementedError(f"task {self.name} trains with gradient steps")
+
     def objective(self, ctx: BuildContext):
         return objective_spec(ctx.cfg.objective).build(ctx)
 

@@ -556,63 +556,6 @@ def summary_line(result: dict) -> str:
     return "; ".join(parts)
 
 
-def train_features(cfg, choices, model, tokenizer, bundle: ClassifyBundle, out: Path, console, t_start: float,
-                   model_path, device: str, handler) -> Path:
-    """classify.strategy=features: no gradient steps; the logistic regression is fitted and saved in
-    <run>/classifier/, the run directory otherwise like any other (config.yaml, manifest.json, train.log)."""
-    import os
-    import shutil
-    from datetime import datetime, timezone
-
-    from ftctl import __version__
-    from ftctl.methods.peft import parameter_report
-    from ftctl.core.atomic import atomic_write_json, atomic_write_text
-    from ftctl.rundir import git_commit, library_versions
-
-    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    base = parameter_report(model)
-    manifest = {"ftctl_version": __version__, "versions": library_versions(), "git_commit": git_commit(),
-                "command": "train", "recipe": choices.get("recipe"), "choices": choices, "model_path": str(model_path),
-                "data_path": cfg.data.path, "data_fingerprint": bundle.fingerprint, "seed": cfg.seed, "device": device,
-                "train_rows": len(bundle.train.examples), "val_rows": bundle.validation.kept,
-                "data": {sd.name: describe(sd) for sd in (bundle.train, bundle.validation, bundle.test)},
-                "task": "classify", "strategy": "features", "adapter": False, "status": "running",
-                "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    atomic_write_json(out / "manifest.json", manifest)
-    try:
-        state, result = fit_features(model, bundle, cfg, tokenizer.pad_token_id, console)
-        n_lr = int(state["coef"].size + state["intercept"].size)
-        total = base["total_params"] + n_lr
-        manifest.update(trainable_params=n_lr, total_params=total,
-                        trainable_percent=round(100 * n_lr / total, 4),
-                        trainable_modules=[{"pattern": "logistic_regression", "tensors": 2, "params": n_lr}])
-        final = out / "classifier"
-        tmp = out / f".classifier.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_features(state, tmp, pooling(cfg), bundle.labels)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException as e:
-        manifest.update(status="failed", error=f"{type(e).__name__}: {e}")
-        atomic_write_json(out / "manifest.json", manifest)
-        log.removeHandler(handler)
-        raise
-    console.print(f"{len(bundle.train.examples)} train rows, {bundle.validation.kept} validation rows; logistic "
-                  f"regression on {pooling(cfg)}-pooled states: {n_lr:,} trained of {total:,} parameters "
-                  f"({manifest['trainable_percent']:.4g}%)", highlight=False)
-    console.print(summary_line(result), highlight=False)
-    wall = round(time.time() - t_start, 1)
-    manifest.update(classify=result, **headline(result), train_time_s=wall, status="finished", output=final.name,
-                    finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), wall_time_s=wall)
-    atomic_write_json(out / "manifest.json", manifest)
-    console.print(f"[green]done[/] in {wall:.0f}s: {final}", highlight=False)
-    log.info("finished: %s", final)
-    log.removeHandler(handler)
-    handler.close()
-    return out
-
-
 # ----------------------------------------------------------------------------- the task
 class ClassifyTask(Task):
     name = "classify"
@@ -641,12 +584,32 @@ class ClassifyTask(Task):
     def fits_without_steps(self, cfg) -> bool:
         return cfg.classify.strategy == "features"
 
+    def fit_without_steps(self, cfg, model, bundle, tokenizer, out: Path, console) -> tuple[Path, dict]:
+        """classify.strategy=features: the logistic regression, fitted on the frozen model's pooled states and
+        saved in <run>/classifier/."""
+        from ftctl.core.atomic import replace_folder
+        from ftctl.methods.peft import parameter_report
+
+        state, result = fit_features(model, bundle, cfg, tokenizer.pad_token_id, console)
+        n_lr = int(state["coef"].size + state["intercept"].size)
+        total = parameter_report(model)["total_params"] + n_lr
+        final = replace_folder(out / "classifier", lambda tmp: save_features(state, tmp, pooling(cfg), bundle.labels))
+        updates = {"trainable_params": n_lr, "total_params": total, "trainable_percent": round(100 * n_lr / total, 4),
+                   "trainable_modules": [{"pattern": "logistic_regression", "tensors": 2, "params": n_lr}],
+                   "classify": result, **headline(result)}
+        console.print(f"{len(bundle.train.examples)} train rows, {bundle.validation.kept} validation rows; logistic "
+                      f"regression on {pooling(cfg)}-pooled states: {n_lr:,} trained of {total:,} parameters "
+                      f"({updates['trainable_percent']:.4g}%)", highlight=False)
+        console.print(summary_line(result), highlight=False)
+        return final, updates
+
     def objective(self, ctx):
         return Objective(ctx.pad_id, ctx.bundle.labels, ctx.bundle.class_weights)
 
     def manifest(self, cfg) -> dict:
+        steps = {} if not self.fits_without_steps(cfg) else {"total_steps": 0, "optimizer": None, "adapter": False}
         return {"peft_method": cfg.peft.method if cfg.classify.strategy == "lora" else None,
-                "task": "classify", "strategy": cfg.classify.strategy}
+                "task": "classify", "strategy": cfg.classify.strategy, **steps}
 
     def finish(self, model, bundle, pad_id: int, manifest: dict, console) -> None:
         with console.status("scoring the classifier on the train, validation and test rows"):

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftctl import __version__
 from ftctl.core import memory
-from ftctl.core.atomic import atomic_write_json, atomic_write_text
+from ftctl.core.atomic import atomic_write_json, atomic_write_text, replace_folder
 from ftctl.core.errors import ConfigError, NonFiniteError, Preempted
 from ftctl.core.progress import TrainProgress
 from ftctl.data.batches import batch_indices, row_lengths, total_steps
@@ -122,27 +122,20 @@ def _trained_modules_line(modules: list[dict], shown: int = 6) -> str:
 
 def save_final(model, tokenizer, out: Path, is_adapter: bool, state: dict | None = None) -> Path:
     """The final adapter (or model), written once; ``state``: weights gathered from sharded processes."""
-    import shutil
-
     from ftctl.methods.peft import save_adapter
     from ftctl.train.checkpoint import assert_finite, trainable_state
 
     assert_finite(trainable_state(model) if state is None else state, "the final weights")
+    weights = {} if state is None else {"state_dict": state}
 
-    name = "adapter" if is_adapter else "model"
-    final = out / name
-    tmp = out / f".{name}.tmp-{os.getpid()}"
-    for stale in out.glob(f".{name}.tmp-*"):  # left by a save that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    if is_adapter:
-        save_adapter(model, tmp, **({} if state is None else {"state_dict": state}))
-    else:
-        model.save_pretrained(tmp, **({} if state is None else {"state_dict": state}))
-    tokenizer.save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    return final
+    def write(tmp: Path) -> None:
+        if is_adapter:
+            save_adapter(model, tmp, **weights)
+        else:
+            model.save_pretrained(tmp, **weights)
+        tokenizer.save_pretrained(tmp)
+
+    return replace_folder(out / ("adapter" if is_adapter else "model"), write)
 
 
 def _after_train_eval(cfg, out: Path, manifest: dict, console) -> None:
@@ -227,10 +220,7 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     load_data(run)
     load_model(run)
     if run.task.fits_without_steps(cfg):  # classify.strategy=features: no gradient steps
-        from ftctl.tasks.classify import train_features
-
-        return train_features(cfg, choices, run.model, run.tokenizer, run.bundle, run.out, run.console,
-                              run.t_start, run.model_path, str(run.engine.device), run.handler)
+        return fit_without_steps(run)
     make_optimizer_and_objective(run)
     open_run_dir(run)
     loop_figures = fit(run)
@@ -413,6 +403,33 @@ def _manifest(run: Run) -> dict:
         "optimizer": cfg.trainer.optimizer, **run.task.manifest(cfg),
         "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+# ----------------------------------------------------------------------------- a task fitted in one go
+def fit_without_steps(run: Run) -> Path:
+    """A task that fits without an optimizer (classify.strategy=features): the same run directory (config.yaml,
+    manifest.json, train.log), the task's own fit in between."""
+    if run.main:
+        atomic_write_text(run.out / "config.yaml", OmegaConf.to_yaml(run.cfg, resolve=True))
+    run.manifest = _manifest(run)
+    atomic_write_json(run.out / "manifest.json", run.manifest)
+    try:
+        final, updates = run.task.fit_without_steps(run.cfg, run.model, run.bundle, run.tokenizer, run.out,
+                                                    run.console)
+    except BaseException as e:
+        run.manifest.update(status="failed", error=f"{type(e).__name__}: {e}")
+        atomic_write_json(run.out / "manifest.json", run.manifest)
+        log.removeHandler(run.handler)
+        raise
+    wall = round(time.time() - run.t_start, 1)
+    run.manifest.update(**updates, train_time_s=wall, status="finished", output=final.name, wall_time_s=wall,
+                        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    atomic_write_json(run.out / "manifest.json", run.manifest)
+    run.console.print(f"[green]done[/] in {wall:.0f}s: {final}", highlight=False)
+    log.info("finished: %s", final)
+    log.removeHandler(run.handler)
+    run.handler.close()
+    return run.out
 
 
 # ----------------------------------------------------------------------------- the loop
