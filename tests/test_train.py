@@ -128,3 +128,24 @@ def test_shared_data_recipes_train_on_tiny_llama(tmp_path, recipe, path):
     man = json.loads((out / "manifest.json").read_text())
     assert man["status"] == "finished" and man["recipe"] == recipe and man["train_rows"] > 0
     assert len([m for m in read_metrics(out) if "loss" in m]) >= 1
+
+
+def test_a_cold_model_cache_trains_as_a_warm_one(tmp_path, tiny_model_path):
+    """Building a built-in model draws from torch's generator; the run is seeded after the model folder is
+    resolved, so the first run on a machine (cold cache) trains exactly as the next ones (warm cache)."""
+    from conftest import run_cli
+
+    real = tiny_model_path.parent  # the cache's models/ folder, with the converted SmolLM2 the tiny tokenizer comes from
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    for f in real.iterdir():
+        if f.is_dir() and f.name != tiny_model_path.name:
+            (cache / "models" / f.name).symlink_to(f, target_is_directory=True)
+    args = [*TINY, "trainer.max_steps=3", "trainer.lr=1e-2", "logging.plots=false", "trainer.num_threads=1"]
+    losses = []
+    for name in ("cold", "warm"):
+        r = run_cli("train", *args, f"output_dir={tmp_path / name}", env={"FTCTL_CACHE": str(cache)})
+        assert r.returncode == 0, r.stderr
+        losses.append([m["loss"] for m in read_metrics(tmp_path / name) if "loss" in m])
+    assert (cache / "models" / tiny_model_path.name / "config.json").is_file()  # the first run built it
+    assert losses[0] == losses[1] and len(losses[0]) == 3
