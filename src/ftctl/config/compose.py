@@ -1,9 +1,9 @@
-"""The typed config schema, and composition of configs/ + recipes/ + command-line overrides.
+"""Composition of configs/ + recipes/ + command-line overrides into one validated config.
 
-YAML declares, Python decides: every choice below is a short name looked up in a registry
-(``ftctl.registry``). The dataclasses are registered in Hydra's ConfigStore so that a misspelt
-key or a value of the wrong type stops composition; ``validate`` then checks allowed values and
-ranges. Either way the user gets one line naming the key, the value and what is allowed.
+YAML declares, Python decides: every choice is a short name looked up in a registry
+(``ftctl.core.registry``). The schema's dataclasses (schema.py) are registered in Hydra's ConfigStore so
+that a misspelt key or a value of the wrong type stops composition; ``validate`` (validate.py) then checks
+allowed values (choices.py) and ranges. Either way the user gets one line naming the key, the value and what is allowed.
 """
 from __future__ import annotations
 

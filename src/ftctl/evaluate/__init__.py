@@ -1,1 +1,1 @@
-"""Generation-based evaluation of a run (or a model folder) on its held-out rows."""
+"""Layer 7: generation-based evaluation of a run (or a model folder) on its held-out rows, and benchmarks."""
