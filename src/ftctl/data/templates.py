@@ -9,6 +9,12 @@ decided by ``data.train_on`` rather than by the template:
 
 ``prompt`` and ``reference`` are what generation is conditioned on at evaluation and what it is
 scored against. Templates raise DataError naming the field for a missing, mistyped or empty field.
+
+Each template is a ``Template``: ``render`` (a row to its training text), ``prompt`` (a row to the text
+generation is conditioned on: the training text minus the answer; ``render`` takes its prompt from
+there), ``inference_prompt`` (a user's message, for ``ftctl chat`` and ``generate``, to the prompt of a
+row that asks it) and ``plain`` (whether that text takes the tokenizer's special tokens, as training
+gives them). So training, ``ftctl eval``, ``chat`` and ``generate`` condition on the same text.
 """
 from __future__ import annotations
 
@@ -84,6 +90,35 @@ def _answer(prompt: str, completion: str) -> Rendered:
                     prompt=prompt, reference=completion)
 
 
+class Template:
+    """A registered template. Called like a function, it renders a row for training: ``alpaca(row)``."""
+
+    def __call__(self, row: dict, ctx: Context | None = None) -> Rendered | Pair:
+        return self.render(row, ctx)
+
+    def render(self, row: dict, ctx: Context | None = None) -> Rendered | Pair:
+        """The row's training text, in segments (its ``prompt`` is ``self.prompt(row, ctx)``)."""
+        raise NotImplementedError
+
+    def prompt(self, row: dict, ctx: Context | None = None) -> str:
+        """The text generation is conditioned on for this row: its training text minus the answer."""
+        raise NotImplementedError
+
+    def question(self, text: str, ctx: Context | None, system: str | None, history: list | None) -> dict:
+        """A row that asks ``text`` (after ``history``, a list of user/assistant messages), as training saw rows."""
+        raise NotImplementedError
+
+    def inference_prompt(self, text: str, ctx: Context | None = None, system: str | None = None,
+                         history: list | None = None) -> str:
+        """What ``ftctl chat`` and ``generate`` send for a user's message: the prompt of the row asking it."""
+        return self.prompt(self.question(text, ctx, system, history), ctx)
+
+    def plain(self, ctx: Context | None = None) -> bool:
+        """Whether the prompt takes the tokenizer's special tokens (BOS), as plain training text does;
+        a chat template writes its own."""
+        return True
+
+
 # ----------------------------------------------------------------------------- alpaca
 # The Stanford Alpaca prompts (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT), verbatim.
 ALPACA_PROMPT_INPUT = (
@@ -98,17 +133,26 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 
-@TEMPLATES.register("alpaca")
-def alpaca(row: dict, ctx: Context | None = None) -> Rendered:
+class Alpaca(Template):
     """Alpaca rows: ``instruction``, optional ``input``, ``output``. An empty input uses the no-input prompt."""
-    instruction = _str_field(row, "instruction")
-    output = _str_field(row, "output")
-    inp = _str_field(row, "input", required=False)
-    if inp.strip():
-        prompt = ALPACA_PROMPT_INPUT.format(instruction=instruction, input=inp)
-    else:
-        prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
-    return _answer(prompt, output)
+
+    def render(self, row: dict, ctx: Context | None = None) -> Rendered:
+        _str_field(row, "instruction")  # the fields are checked in this order: instruction, output, input
+        output = _str_field(row, "output")
+        return _answer(self.prompt(row, ctx), output)
+
+    def prompt(self, row: dict, ctx: Context | None = None) -> str:
+        instruction = _str_field(row, "instruction")
+        inp = _str_field(row, "input", required=False)
+        if inp.strip():
+            return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=inp)
+        return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+    def question(self, text, ctx=None, system=None, history=None) -> dict:
+        return {"instruction": text}
+
+
+alpaca = TEMPLATES.register("alpaca")(Alpaca())
 
 
 # ----------------------------------------------------------------------------- flan
@@ -118,38 +162,72 @@ def pick(seed: int, row: dict, n: int) -> int:
     return int(hashlib.sha256(f"{seed}\x00{blob}".encode()).hexdigest()[:12], 16) % n
 
 
-@TEMPLATES.register("flan")
-def flan(row: dict, ctx: Context) -> Rendered:
+def flan_prompt(text: str) -> str:
+    """A flan prompt as the model sees it: stripped, then one newline."""
+    return text.strip() + "\n"
+
+
+class Flan(Template):
     """A set of Jinja phrasings, each ``prompt ||| target`` (promptsource style); one per row, chosen
     from the seed and the row. The prompt ends with a newline; the target is stripped."""
-    phrasings = list(ctx.get("phrasings", []) or [])
-    if not phrasings:
-        raise DataError("template=flan needs template.phrasings (a list of 'prompt ||| target' Jinja strings)")
-    i = pick(ctx.seed, row, len(phrasings))
-    source = phrasings[i]
-    values = dict(ctx.get("vars", {}) or {})
-    values.update({k: v for k, v in row.items() if v is not None})  # a null field is missing, never "None"
-    text = jinja.render(source, values, where=f"template.phrasings[{i}]")
-    if text.count("|||") != 1:
-        raise DataError(f"template.phrasings[{i}] must contain '|||' exactly once (prompt ||| target)")
-    prompt, target = (part.strip() for part in text.split("|||"))
-    if not target:
-        raise DataError(f"template.phrasings[{i}] renders an empty target for this row")
-    return _answer(prompt + "\n", target)
+
+    def render(self, row: dict, ctx: Context) -> Rendered:
+        prompt, target = self._phrased(row, ctx)
+        return _answer(prompt, target)
+
+    def prompt(self, row: dict, ctx: Context) -> str:
+        return self._phrased(row, ctx)[0]
+
+    def inference_prompt(self, text, ctx=None, system=None, history=None) -> str:
+        """The user's message is the phrased question itself (no phrasing applies to free text)."""
+        return flan_prompt(text)
+
+    @staticmethod
+    def _phrased(row: dict, ctx: Context) -> tuple[str, str]:
+        """(prompt, target) of the row's phrasing."""
+        phrasings = list(ctx.get("phrasings", []) or [])
+        if not phrasings:
+            raise DataError("template=flan needs template.phrasings (a list of 'prompt ||| target' Jinja strings)")
+        i = pick(ctx.seed, row, len(phrasings))
+        source = phrasings[i]
+        values = dict(ctx.get("vars", {}) or {})
+        values.update({k: v for k, v in row.items() if v is not None})  # a null field is missing, never "None"
+        text = jinja.render(source, values, where=f"template.phrasings[{i}]")
+        if text.count("|||") != 1:
+            raise DataError(f"template.phrasings[{i}] must contain '|||' exactly once (prompt ||| target)")
+        prompt, target = text.split("|||")
+        if not target.strip():
+            raise DataError(f"template.phrasings[{i}] renders an empty target for this row")
+        return flan_prompt(prompt), target.strip()
+
+
+flan = TEMPLATES.register("flan")(Flan())
 
 
 # ----------------------------------------------------------------------------- completion
-@TEMPLATES.register("completion")
-def completion(row: dict, ctx: Context | None = None) -> Rendered:
+class Completion(Template):
     """``prompt`` + ``completion`` (loss on the completion), or ``text`` alone (continued pre-training:
     every token is a target)."""
-    if "completion" in row or "prompt" in row:
-        prompt = _str_field(row, "prompt", allow_empty=True)
-        return _answer(prompt, _str_field(row, "completion"))
-    if "text" in row:
+
+    def render(self, row: dict, ctx: Context | None = None) -> Rendered:
+        prompt = self.prompt(row, ctx)
+        if "completion" in row or "prompt" in row:
+            return _answer(prompt, _str_field(row, "completion"))
         text = _str_field(row, "text")
-        return Rendered([Segment(text, target=True, assistant=True, last=True)], prompt="", reference=text)
-    raise DataError("field 'completion' is missing (completion rows need prompt + completion, or text)")
+        return Rendered([Segment(text, target=True, assistant=True, last=True)], prompt=prompt, reference=text)
+
+    def prompt(self, row: dict, ctx: Context | None = None) -> str:
+        if "completion" in row or "prompt" in row:
+            return _str_field(row, "prompt", allow_empty=True)
+        if "text" in row:
+            return ""  # continued pre-training: the whole text is the answer
+        raise DataError("field 'completion' is missing (completion rows need prompt + completion, or text)")
+
+    def question(self, text, ctx=None, system=None, history=None) -> dict:
+        return {"prompt": text}
+
+
+completion = TEMPLATES.register("completion")(Completion())
 
 
 # ----------------------------------------------------------------------------- chat
@@ -262,12 +340,9 @@ def _system(messages: list[dict], ctx: Context) -> list[dict]:
     return messages
 
 
-@TEMPLATES.register("chat")
-def chat(row: dict, ctx: Context) -> Rendered:
-    """OpenAI-style ``messages`` (system, user, assistant, tool; tool calls kept), or ``prompt`` and
-    ``completion`` message lists; a Human/Assistant transcript string works as ``messages`` too."""
-    render = ChatRenderer(ctx)
-    tools = row.get("tools")
+def _conversation(row: dict, ctx: Context) -> tuple[list[dict], int, int]:
+    """(messages with the template's system message, n_prompt, the answer's index: the last assistant turn
+    at or after n_prompt) of a chat row."""
     if "messages" in row:
         messages, n_prompt = _system(_messages(row["messages"], "messages"), ctx), 0
     elif "prompt" in row and "completion" in row:
@@ -282,12 +357,42 @@ def chat(row: dict, ctx: Context) -> Rendered:
     asst = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= n_prompt]
     if not asst:
         raise DataError("the conversation has no assistant turn to train on")
-    last = asst[-1]
-    if not (messages[last]["content"].strip() or messages[last].get("tool_calls")):
-        raise DataError(f"the last assistant turn (message {last}) is empty")
-    segs = render.segments(messages, n_prompt=n_prompt, tools=tools)
-    prompt = render(messages[:last], generation_prompt=True, tools=tools)
-    return Rendered(segs, prompt=prompt, reference=messages[last]["content"], plain=False)
+    return messages, n_prompt, asst[-1]
+
+
+class Chat(Template):
+    """OpenAI-style ``messages`` (system, user, assistant, tool; tool calls kept), or ``prompt`` and
+    ``completion`` message lists; a Human/Assistant transcript string works as ``messages`` too."""
+
+    def render(self, row: dict, ctx: Context) -> Rendered:
+        render = ChatRenderer(ctx)
+        messages, n_prompt, last = _conversation(row, ctx)
+        if not (messages[last]["content"].strip() or messages[last].get("tool_calls")):
+            raise DataError(f"the last assistant turn (message {last}) is empty")
+        segs = render.segments(messages, n_prompt=n_prompt, tools=row.get("tools"))
+        return Rendered(segs, prompt=self._before(render, messages, last, row), reference=messages[last]["content"],
+                        plain=False)
+
+    def prompt(self, row: dict, ctx: Context) -> str:
+        messages, _, last = _conversation(row, ctx)
+        return self._before(ChatRenderer(ctx), messages, last, row)
+
+    @staticmethod
+    def _before(render: ChatRenderer, messages: list[dict], last: int, row: dict) -> str:
+        """The conversation up to the answer, with the generation prompt (the answer's header)."""
+        return render(messages[:last], generation_prompt=True, tools=row.get("tools"))
+
+    def question(self, text, ctx=None, system=None, history=None) -> dict:
+        """The conversation so far and the user's message, with an empty answer to be written."""
+        head = [{"role": "system", "content": system}] if system else []
+        return {"messages": head + list(history or []) + [{"role": "user", "content": text},
+                                                           {"role": "assistant", "content": ""}]}
+
+    def plain(self, ctx: Context | None = None) -> bool:
+        return False
+
+
+chat = TEMPLATES.register("chat")(Chat())
 
 
 # ----------------------------------------------------------------------------- preference
@@ -309,56 +414,93 @@ def split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-@TEMPLATES.register("preference")
-def preference(row: dict, ctx: Context) -> Pair:
-    """``prompt``/``chosen``/``rejected``, or two full transcripts (``chosen``, ``rejected``; HH-RLHF)
-    from which the shared prompt is split off. ``template.style``: plain (text as is) or chat
-    (rendered with the chat template)."""
-    style = ctx.get("style", "plain")
+def _pair_fields(row: dict) -> None:
     if "chosen" not in row or "rejected" not in row:
         raise DataError(f"field '{'chosen' if 'chosen' not in row else 'rejected'}' is missing "
                         "(preference rows need chosen and rejected, and a prompt unless they are full transcripts)")
-    chosen, rejected = row["chosen"], row["rejected"]
-    if style == "plain":
-        c = _str_field(row, "chosen")
-        r = _str_field(row, "rejected")
-        if "prompt" in row:
-            p = _str_field(row, "prompt", allow_empty=True)
-        else:
-            p, c, r = split_transcripts(c, r)
-        if not c.strip() or not r.strip():
-            raise DataError(f"field '{'chosen' if not c.strip() else 'rejected'}' has an empty answer")
-        if c == r:
-            raise DataError("chosen and rejected answers are identical")
-        chosen_r, rejected_r = _answer(p, c), _answer(p, r)
-        chosen_r.reference, rejected_r.reference = c.strip(), r.strip()
-        return Pair(chosen_r, rejected_r)
-    if style != "chat":
-        raise DataError(f"template.style={style!r}; allowed: plain, chat")
-    render = ChatRenderer(ctx)
+
+
+def _plain_pair(row: dict) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of a plain preference row."""
+    c = _str_field(row, "chosen")
+    r = _str_field(row, "rejected")
     if "prompt" in row:
-        p = row["prompt"]
-        prompt = [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p, "prompt")
+        return _str_field(row, "prompt", allow_empty=True), c, r
+    return split_transcripts(c, r)
 
-        def answer(v, key):
-            return [{"role": "assistant", "content": v}] if isinstance(v, str) else _messages(v, key)
 
-        cm, rm = prompt + answer(chosen, "chosen"), prompt + answer(rejected, "rejected")
-    else:
-        cm, rm = _messages(chosen, "chosen"), _messages(rejected, "rejected")
-        if cm[:-1] != rm[:-1] or cm[-1]["role"] != "assistant" or rm[-1]["role"] != "assistant":
+def _answered(row: dict, key: str) -> list[dict]:
+    """The conversation of a chat-style preference row that ends in its ``key`` answer."""
+    if "prompt" not in row:
+        return _messages(row[key], key)
+    p, v = row["prompt"], row[key]
+    prompt = [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p, "prompt")
+    return prompt + ([{"role": "assistant", "content": v}] if isinstance(v, str) else _messages(v, key))
+
+
+class Preference(Template):
+    """``prompt``/``chosen``/``rejected``, or two full transcripts (``chosen``, ``rejected``; HH-RLHF)
+    from which the shared prompt is split off. ``template.style``: plain (text as is) or chat
+    (rendered with the chat template)."""
+
+    def render(self, row: dict, ctx: Context) -> Pair:
+        style = ctx.get("style", "plain")
+        _pair_fields(row)
+        if style == "plain":
+            p, c, r = _plain_pair(row)
+            if not c.strip() or not r.strip():
+                raise DataError(f"field '{'chosen' if not c.strip() else 'rejected'}' has an empty answer")
+            if c == r:
+                raise DataError("chosen and rejected answers are identical")
+            chosen_r, rejected_r = _answer(p, c), _answer(p, r)
+            chosen_r.reference, rejected_r.reference = c.strip(), r.strip()
+            return Pair(chosen_r, rejected_r)
+        if style != "chat":
+            raise DataError(f"template.style={style!r}; allowed: plain, chat")
+        return self._chat_pair(row, ctx)
+
+    def _chat_pair(self, row: dict, ctx: Context) -> Pair:
+        render = ChatRenderer(ctx)
+        cm, rm = _answered(row, "chosen"), _answered(row, "rejected")
+        if "prompt" not in row and (cm[:-1] != rm[:-1] or cm[-1]["role"] != "assistant"
+                                    or rm[-1]["role"] != "assistant"):
             raise DataError("chosen and rejected must be the same conversation up to a different last assistant turn")
-    if cm[-1] == rm[-1]:
-        raise DataError("chosen and rejected answers are identical")
-    out = []
-    for msgs, key in ((_system(cm, ctx), "chosen"), (_system(rm, ctx), "rejected")):
-        if not msgs[-1]["content"].strip():
-            raise DataError(f"field '{key}' has an empty answer")
-        n_prompt = len(msgs) - 1
-        segs = render.segments(msgs, n_prompt=n_prompt)
-        for s in segs:
-            s.assistant = s.assistant and s.target
-            s.last = s.last and s.target
-        out.append(Rendered(segs, prompt=render(msgs[:-1], generation_prompt=True),
-                            reference=msgs[-1]["content"], plain=False))
-    return Pair(*out)
+        if cm[-1] == rm[-1]:
+            raise DataError("chosen and rejected answers are identical")
+        out = []
+        for msgs, key in ((_system(cm, ctx), "chosen"), (_system(rm, ctx), "rejected")):
+            if not msgs[-1]["content"].strip():
+                raise DataError(f"field '{key}' has an empty answer")
+            n_prompt = len(msgs) - 1
+            segs = render.segments(msgs, n_prompt=n_prompt)
+            for s in segs:
+                s.assistant = s.assistant and s.target
+                s.last = s.last and s.target
+            out.append(Rendered(segs, prompt=render(msgs[:-1], generation_prompt=True),
+                                reference=msgs[-1]["content"], plain=False))
+        return Pair(*out)
+
+    def prompt(self, row: dict, ctx: Context) -> str:
+        """The prompt both answers share."""
+        if ctx.get("style", "plain") != "chat":
+            return _str_field(row, "prompt", allow_empty=True) if "prompt" in row else _plain_pair(row)[0]
+        return ChatRenderer(ctx)(_system(_answered(row, "chosen"), ctx)[:-1], generation_prompt=True)
+
+    def question(self, text, ctx=None, system=None, history=None) -> dict:
+        if ctx is None or ctx.get("style", "plain") != "chat":
+            return {"prompt": text}  # plain text as is, as training saw the prompts
+        head = [{"role": "system", "content": system}] if system else []
+        return {"prompt": head + list(history or []) + [{"role": "user", "content": text}], "chosen": ""}
+
+    def plain(self, ctx: Context | None = None) -> bool:
+        return ctx is None or ctx.get("style", "plain") != "chat"
+
+
+preference = TEMPLATES.register("preference")(Preference())
+
+
+def from_config(cfg, tokenizer=None) -> tuple[Template, Context]:
+    """The template a run's config names, and the context it renders in (the config's template section,
+    the tokenizer, the seed), as the data pipeline renders the run's rows."""
+    tcfg = cfg.template
+    return TEMPLATES.get(tcfg.get("name", "alpaca")), Context(cfg=tcfg, tokenizer=tokenizer, seed=cfg.get("seed", 0))
