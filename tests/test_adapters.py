@@ -107,14 +107,13 @@ def test_method_trains_only_its_parameters_and_reloads_exactly(tmp_path, monkeyp
     # reload the saved result the way `ftctl eval` does, and compare logits on held-out rows
     from ftctl.data import pipeline
     from ftctl.data.tokenize import collate
-    from ftctl.evaluate.run import load_models
     from ftctl.models.load import load_tokenizer
+    from ftctl.rundir import open_run
 
     tok = load_tokenizer(man["model_path"])
     batch = collate(pipeline.build(cfg, tok).validation.examples[:3], tok.pad_token_id)
     want = _logits(trained, batch)
-    _, tuned = load_models(out, man, cfg, torch.device("cpu"))
-    got = _logits(tuned(), batch)
+    got = _logits(open_run(out).load_model(torch.device("cpu")), batch)
     if method in ("pissa", "olora"):
         # saved as plain LoRA of rank 2r against the original base (the run trained against the residual base)
         assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 2 * 4

@@ -187,3 +187,18 @@ def test_generate_and_chat_commands(tmp_path, lora_run):
     r = run_cli("generate", f"run={lora_run}", f"prompt={text}", "max_new_tokens=2", f"output={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(out.read_text().splitlines()[0])["prompt"] == text
+
+
+def test_merge_overwrite_replaces_the_output_folder_whole(tmp_path, lora_run):
+    from ftctl.core.errors import RunDirError
+    from ftctl.post.merge import MergeConfig, merge
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "stale.txt").write_text("from before")
+    with pytest.raises(RunDirError, match="already exists; choose another output= or pass overwrite=true"):
+        merge(MergeConfig(run=str(lora_run), output=str(out)), _console())
+    assert (out / "stale.txt").is_file()  # refused: nothing touched
+    merge(MergeConfig(run=str(lora_run), output=str(out), overwrite=True), _console())
+    assert (out / "config.json").is_file() and not (out / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temporary folder left beside it

@@ -1,10 +1,14 @@
 """A template renders the inference prompt too: what `ftctl eval`, `chat` and `generate` condition on is
 the training text minus the answer, token for token, for every registered template."""
+import io
+
 import pytest
+from conftest import compose
 
 from ftctl.core.registry import TEMPLATES
 from ftctl.data.templates import Context, Pair
 from ftctl.data.tokenize import IGNORE_INDEX, encode
+from ftctl.train.loop import train
 
 HISTORY = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi. How can I help?"}]
 Q = "Write May 5, 2020 as YYYY-MM-DD."
@@ -69,3 +73,30 @@ def test_inference_prompt_is_the_training_text_minus_the_answer(tokenizer, name,
     if question is not None:
         text, system, history = question
         assert template.inference_prompt(text, ctx, system, history) == prompt
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(file=io.StringIO())
+
+
+def test_generate_on_a_plain_preference_run_sends_the_plain_text(tmp_path, monkeypatch, tokenizer):
+    """template=preference style: plain trains on the prompt as is (no chat template), so `ftctl generate`
+    must send the prompt as is too, with the tokenizer's special tokens (BOS), as training and eval do."""
+    assert tokenizer.chat_template, "the tiny model's tokenizer has a chat template; without one this proves nothing"
+    run = train(*compose("model=tiny_llama", "data=demo_date_pairs", "template=preference", "data.limit=20",
+                         "trainer.max_steps=1", "trainer.eval_every=0", f"output_dir={tmp_path / 'run'}"))
+    seen = {}
+
+    def spy(model, tok, texts, **kwargs):
+        seen.update(texts=list(texts), add_special_tokens=kwargs.get("add_special_tokens"))
+        return ["" for _ in texts]
+
+    monkeypatch.setattr("ftctl.evaluate.generate.generate", spy)
+    from ftctl.post.chat import GenerateConfig, generate_cmd
+
+    prompt = "Write May 5, 2020 as YYYY-MM-DD.\n"
+    generate_cmd(GenerateConfig(run=str(run), prompt=prompt, max_new_tokens=1), _console())
+    assert seen["texts"] == [prompt]
+    assert seen["add_special_tokens"] is True

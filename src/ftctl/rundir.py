@@ -1,4 +1,5 @@
-"""The run directory: atomic writes, the manifest, metrics, and the rules for reusing a folder.
+"""The run directory: the manifest, metrics, the rules for reusing a folder, and opening a finished run
+(``open_run``: one loader for every command that reads a run, and ``load_folder`` for model folders).
 
     <output_dir>/
       config.yaml      the composed, resolved config (what a worker or `resume` reads back)
@@ -20,11 +21,12 @@ import platform
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from ftctl.core.errors import RunDirError
-from ftctl.core.errors import ConfigError
+from ftctl.core.errors import ConfigError, RunDirError
 from ftctl.core.atomic import atomic_write_text
 
 # everything ftctl writes at the top of a run directory; overwrite=true removes only these
@@ -42,19 +44,159 @@ def read_manifest(run_dir: Path) -> dict | None:
         return None
 
 
-def load_finished_run(run_dir) -> tuple[dict, object]:
-    """(manifest, config) of a finished run directory; RunDirError naming what is wrong otherwise."""
+def read_config(run_dir: Path):
+    """The run's config.yaml (an OmegaConf config), or None when there is none."""
     from omegaconf import OmegaConf
 
-    from ftctl.core.errors import RunDirError
+    f = Path(run_dir) / "config.yaml"
+    return OmegaConf.load(f) if f.is_file() else None
 
+
+def open_run(run_dir) -> Run:
+    """A finished run directory, opened (manifest, config, its folders, its models); RunDirError naming
+    what is wrong otherwise. Every command that reads a finished run (eval, merge, chat, generate) opens it here."""
     run = Path(run_dir)
     manifest = read_manifest(run)
     if manifest is None or not (run / "config.yaml").is_file():
         raise RunDirError(f"run={run}: not a run directory (no manifest.json/config.yaml)")
     if manifest.get("status") != "finished":
         raise RunDirError(f"run={run}: the run is {manifest.get('status')}, not finished")
-    return manifest, OmegaConf.load(run / "config.yaml")
+    return Run(run, manifest, read_config(run))
+
+
+def bare_config(dtype: str = "auto"):
+    """The model and quant sections for a model folder that comes without a run's config."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"model": {"kind": "causal", "dtype": dtype, "trust_remote_code": False},
+                             "quant": {"method": "none", "compute_dtype": "auto", "double_quant": True}})
+
+
+def on_device(model, device):
+    """``model`` on ``device``, unless a device map placed it at load time (a quantized model does not move)."""
+    if getattr(model, "hf_device_map", None) is None:
+        model = model.to(device)
+    return model
+
+
+def load_folder(folder, device, model_cfg=None, quant_cfg=None, *, head: str = "lm", pad_id: int | None = None,
+                labels=None):
+    """A model folder (a base, a run's model/, or one from ftctl merge or quantize) on ``device``:
+    ``ftctl.models.load.load_model`` with the given model and quant sections (default: ``bare_config()``)."""
+    from ftctl.models import load as models
+
+    bare = bare_config()
+    model = models.load_model(Path(folder), model_cfg if model_cfg is not None else bare.model,
+                              quant_cfg if quant_cfg is not None else bare.quant, device, head=head, pad_id=pad_id,
+                              labels=labels)
+    return on_device(model, device)
+
+
+@dataclass
+class Run:
+    """A finished run directory: its manifest and config, where its parts are, and its models.
+
+    ``load_model`` gives the tuned model: the base with the adapter (adapter/), the model/ folder (full
+    fine-tunes and classifiers with a trained head), or the base alone (a features classifier, whose
+    logistic regression in classifier/ reads the base's states)."""
+    path: Path
+    manifest: dict
+    config: Any  # the run's config.yaml (or, in ftctl eval, that with data.* and template.* overrides)
+    _tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def base_path(self) -> Path:
+        return Path(self.manifest["model_path"])
+
+    def _folder(self, name: str) -> Path | None:
+        return self.path / name if (self.path / name).is_dir() else None
+
+    @property
+    def adapter(self) -> Path | None:
+        return self._folder("adapter")
+
+    @property
+    def model_folder(self) -> Path | None:
+        return self._folder("model")
+
+    @property
+    def classifier(self) -> Path | None:
+        return self._folder("classifier")
+
+    @property
+    def task(self) -> str:
+        return self.config.get("task", "generate")
+
+    @property
+    def head(self) -> str:
+        """The model's head: classify (task=classify), score (a reward model) or lm."""
+        if self.task == "classify":
+            return "classify"
+        return "score" if self.config.get("objective") == "reward" else "lm"
+
+    @property
+    def labels(self) -> list | None:
+        """A classifier's label names, in the order of its head's outputs."""
+        if self.task != "classify":
+            return None
+        return list(self.manifest.get("classify", {}).get("labels") or self.config.classify.labels)
+
+    def tokenizer(self):
+        """The base model's tokenizer (the run trained with it; adapter/ and model/ hold copies)."""
+        if self._tokenizer is None:
+            from ftctl.models import load as models
+
+            self._tokenizer = models.load_tokenizer(self.base_path)
+        return self._tokenizer
+
+    def _sections(self, dtype: str | None, quantized: bool):
+        """The config's model and quant sections, with dtype replaced and quantization off where asked."""
+        from omegaconf import OmegaConf
+
+        model_cfg, quant_cfg = self.config.model, self.config.quant
+        if dtype is not None:
+            model_cfg = OmegaConf.merge(model_cfg, {"dtype": dtype})
+        if not quantized:
+            quant_cfg = bare_config().quant
+        return model_cfg, quant_cfg
+
+    def _load(self, folder: Path, device, dtype: str | None, quantized: bool):
+        model_cfg, quant_cfg = self._sections(dtype, quantized)
+        return load_folder(folder, device, model_cfg, quant_cfg, head=self.head,
+                           pad_id=self.tokenizer().pad_token_id, labels=self.labels)
+
+    def load_base(self, device, *, dtype: str | None = None, quantized: bool = True):
+        """The base model the run started from, with the run's head; ``dtype`` replaces model.dtype and
+        ``quantized=False`` loads it unquantized (ftctl merge folds an adapter into the real weights)."""
+        return self._load(self.base_path, device, dtype, quantized)
+
+    def load_model(self, device, *, dtype: str | None = None, quantized: bool = True):
+        """The tuned model on ``device`` (see the class)."""
+        if self.adapter is not None:
+            return self._with_adapter(self.load_base(device, dtype=dtype, quantized=quantized), self.adapter, device)
+        if self.model_folder is not None:
+            return self._load(self.model_folder, device, dtype, quantized)
+        if self.classifier is not None:
+            return self.load_base(device, dtype=dtype, quantized=quantized)
+        what = "adapter/, model/ or classifier/" if self.task == "classify" else "adapter/ or model/"
+        raise RunDirError(f"{self.path}: no {what} folder (did the run finish?)")
+
+    def load_reference(self, device):
+        """A DPO run's reference: the base, or the base with the SFT adapter the run continued (model.adapter)."""
+        base = self.load_base(device)
+        if not self.config.model.get("adapter"):
+            return base
+        return self._with_adapter(base, adapter_folder(self.config.model.adapter), device)
+
+    def _with_adapter(self, base, adapter: Path, device):
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(base, adapter)
+        except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names that are not there
+            raise RunDirError(f"adapter {adapter} does not fit the base model {self.base_path} "
+                              f"({str(e).strip().splitlines()[0][:160]})") from e
+        return on_device(model, device)
 
 
 def default_output_dir(recipe: str | None) -> Path:

@@ -9,14 +9,16 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 from omegaconf import OmegaConf
 
-from ftctl.core.errors import ConfigError, RunDirError
 from ftctl.core.atomic import atomic_write_json, atomic_write_text
-from ftctl.rundir import load_finished_run
+from ftctl.core.device import pick_device
+from ftctl.core.errors import ConfigError
+from ftctl.rundir import Run, load_folder, open_run
 
 
 # metrics computed from the model's scores of the reference answers, not from generated text
@@ -44,49 +46,6 @@ class EvalConfig:
     labels: List[str] = field(default_factory=list)  # accuracy / f1: the label names (default: distinct references)
     name: Optional[str] = None
     output: Optional[str] = None  # where eval/ goes for model=; default <model>/eval
-
-
-def load_models(run: Path, manifest: dict, cfg, device):
-    """(base, tuned) loaders for a run directory."""
-    from ftctl.models import load as models
-
-    base_path = Path(manifest["model_path"])
-
-    head = "score" if cfg.get("objective") == "reward" else "lm"
-
-    def base():
-        return models.load_model(base_path, cfg.model, cfg.quant, device, head=head,
-                                 pad_id=models.load_tokenizer(base_path).pad_token_id)
-
-    def tuned():
-        if (run / "adapter").is_dir():
-            from peft import PeftModel
-
-            try:
-                return PeftModel.from_pretrained(base(), run / "adapter")
-            except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names that are not there
-                raise RunDirError(f"adapter {run / 'adapter'} does not fit the base model {base_path} "
-                                  f"({str(e).strip().splitlines()[0][:160]})") from e
-        if (run / "model").is_dir():
-            return models.load_model(run / "model", cfg.model, cfg.quant, device, head=head,
-                                     pad_id=models.load_tokenizer(base_path).pad_token_id)
-        raise RunDirError(f"{run}: no adapter/ or model/ folder (did the run finish?)")
-
-    return base, tuned
-
-
-def _reference_loader(run: Path, manifest: dict, cfg, device, base_loader):
-    """The DPO reference of a run: the base, or base + the SFT adapter it continued (model.adapter)."""
-    if not cfg.model.get("adapter"):
-        return base_loader
-
-    def load():
-        from peft import PeftModel
-
-        from ftctl.rundir import adapter_folder
-
-        return PeftModel.from_pretrained(base_loader(), adapter_folder(cfg.model.adapter))
-    return load
 
 
 def _check(ecfg: EvalConfig) -> None:
@@ -124,16 +83,16 @@ def _check(ecfg: EvalConfig) -> None:
 
 
 def _config(ecfg: EvalConfig, overrides: list[str]):
-    """The training config the rows and template come from: the run's, or composed for a model folder."""
+    """(config, manifest, run): the training config the rows and template come from, the run's (opened with
+    ``ftctl.rundir.open_run``) or composed for a model folder (run is None then)."""
     if ecfg.run:
-        run = Path(ecfg.run)
-        manifest, cfg = load_finished_run(run)
+        run = open_run(ecfg.run)
         for o in overrides:  # e.g. data.path=other.jsonl, to score the run on another file
             if "=" not in o or o.split("=", 1)[0].split(".")[0] not in ("data", "template"):
                 raise ConfigError(f"{o}: with run=, only data.* and template.* keys can be changed")
         if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-        return cfg, manifest, run
+            run.config = OmegaConf.merge(run.config, OmegaConf.from_dotlist(overrides))
+        return run.config, run.manifest, run
     from ftctl.config.compose import compose
 
     folder = Path(ecfg.model).expanduser()
@@ -229,29 +188,19 @@ def reward_accuracy(scores, ref_scores=None) -> tuple[float, list[float]]:
     return sum(rows) / max(len(rows), 1), rows
 
 
-def run_eval(ecfg: EvalConfig, overrides: list[str] | None = None, console=None) -> dict:
-    import torch
-    from rich.console import Console
-    from rich.table import Table
+@dataclass
+class EvalRows:
+    """The rows ftctl eval scores: the first ``n`` of a split, their prompts, references and tokenized examples."""
+    bundle: Any
+    n: int
+    prompts: list[str]
+    refs: list
+    examples: list[dict]
 
-    from ftctl.models import load as models
+
+def _rows(ecfg: EvalConfig, cfg, tokenizer) -> EvalRows:
     from ftctl.data import pipeline
-    from ftctl.core.registry import METRICS
-    from ftctl.evaluate.generate import generate
 
-    console = console or Console()
-    _check(ecfg)
-    cfg, manifest, run = _config(ecfg, list(overrides or []))
-    if cfg.get("task", "generate") == "classify":
-        from ftctl.tasks.classify import run_eval as classify_eval
-
-        return classify_eval(ecfg, cfg, manifest, run, console)
-    seq2seq = cfg.model.get("kind", "causal") == "seq2seq"
-    if seq2seq and set(ecfg.metrics) & set(MODEL_METRICS):
-        raise ConfigError(f"{', '.join(sorted(set(ecfg.metrics) & set(MODEL_METRICS)))}: not available for "
-                          "model.kind=seq2seq runs; score generations (rouge, bleu, exact_match, accuracy, f1)")
-    model_path = Path(manifest["model_path"])
-    tokenizer = models.load_tokenizer(model_path)
     bundle = pipeline.build(cfg, tokenizer)
     split = bundle.split(ecfg.split)
     n = min(len(split.prompts), ecfg.limit or len(split.prompts))
@@ -260,78 +209,93 @@ def run_eval(ecfg: EvalConfig, overrides: list[str] | None = None, console=None)
                if split.rows else "data.test_fraction / data.test_path unset" if ecfg.split == "test"
                else "data.val_fraction=0 and no data.val_path" if ecfg.split == "validation" else "empty")
         raise ConfigError(f"no {ecfg.split} rows to evaluate ({why})")
-    prompts = split.prompts[:n]
     refs = [r if len(r) > 1 else r[0] for r in split.all_references[:n]] if split.all_references else split.references[:n]
-    examples = split.examples[:n]
-    tpl = cfg.template
-    chat_prompts = tpl.name == "chat" or (tpl.name == "preference" and tpl.get("style") == "chat")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return EvalRows(bundle, n, split.prompts[:n], refs, split.examples[:n])
 
+
+def _candidates(ecfg: EvalConfig, cfg, run: Run | None, model_path: Path, device, rows: EvalRows,
+                console) -> list[tuple[str, Callable, list[str]]]:
+    """(label, model loader, prompts) of each model to score: the tuned model (or the base with k shots),
+    and the base beside it with compare=base."""
     if run is not None:
-        base_loader, tuned_loader = load_models(run, manifest, cfg, device)
+        base_loader, tuned_loader = partial(run.load_base, device), partial(run.load_model, device)
     else:
-        def tuned_loader():
-            return models.load_model(model_path, cfg.model, cfg.quant, device)
-        base_loader = None
+        base_loader, tuned_loader = None, partial(load_folder, model_path, device, cfg.model, cfg.quant)
     which = []
     if ecfg.shots:
-        if not bundle.train.prompts:
+        if not rows.bundle.train.prompts:
             raise ConfigError(f"shots={ecfg.shots}: no training rows to take examples from")
         which.append((f"base {ecfg.shots}-shot", base_loader or tuned_loader,
-                      _shots(ecfg, bundle.train, prompts, console)))
+                      _shots(ecfg, rows.bundle.train, rows.prompts, console)))
     else:
-        which.append(("tuned" if run is not None else "model", tuned_loader, prompts))
+        which.append(("tuned" if run is not None else "model", tuned_loader, rows.prompts))
     if ecfg.compare == "base":
-        which.append(("base", base_loader, prompts))
+        which.append(("base", base_loader, rows.prompts))
+    return which
 
-    gen_metrics = [m for m in ecfg.metrics if m not in MODEL_METRICS]
+
+def _reference_scores(ecfg: EvalConfig, cfg, run: Run | None, device, rows: EvalRows, pad_id: int, console):
+    """The reference model's pair scores for a policy's reward_accuracy (None when not needed); first, the
+    checks that the metrics fit the run's objective and data."""
     objective = cfg.get("objective", "sft")
     if objective == "reward" and set(ecfg.metrics) != {"reward_accuracy"}:
-        raise ConfigError(f"{run}: a reward model scores answers, it does not write them; the metric for it is "
-                          "reward_accuracy")
-    ref_scores = None
-    if "reward_accuracy" in ecfg.metrics:
-        if not bundle.preference:
-            raise ConfigError(f"reward_accuracy needs preference pairs (template=preference); {cfg.data.path} with "
-                              f"template={tpl.name} gives single answers")
-        if objective != "reward":
-            if run is None:
-                raise ConfigError("reward_accuracy of a policy needs run=<a DPO run> (its implicit reward is measured "
-                                  "against the run's reference model)")
-            with console.status(f"reference log-probabilities of {n} pairs"):
-                ref = _reference_loader(run, manifest, cfg, device, base_loader)()
-                ref_scores = pair_scores(ref, examples, tokenizer.pad_token_id, ecfg.batch_size)
-                del ref
-    results, per_row, preds_by = {}, {}, {}
-    for label, loader, these_prompts in which:
-        t0 = time.time()
-        model = loader()
-        scores: dict[str, tuple[float, list[float]]] = {}
-        if gen_metrics:
-            with console.status(f"generating {n} answers with the {label} model") as status:
-                preds = generate(model, tokenizer, these_prompts, max_new_tokens=ecfg.max_new_tokens,
-                                 batch_size=ecfg.batch_size, do_sample=ecfg.do_sample, temperature=ecfg.temperature,
-                                 top_p=ecfg.top_p, top_k=ecfg.top_k, stop=list(ecfg.stop), seed=ecfg.seed,
-                                 add_special_tokens=not chat_prompts,
-                                 progress=lambda k, s=status, lab=label: s.update(
-                                     f"generating with the {lab} model: {k}/{n}"))
-            preds_by[label] = preds
-            for m in gen_metrics:
-                scores.update(METRICS.get(m)(preds, refs, labels=list(ecfg.labels) or None))
-        if "perplexity" in ecfg.metrics:
-            with console.status(f"perplexity of the {label} model on {n} rows"):
-                scores["perplexity"] = perplexity(model, examples, tokenizer.pad_token_id, ecfg.batch_size)
-        if "reward_accuracy" in ecfg.metrics:
-            with console.status(f"scoring {n} preference pairs with the {label} model"):
-                scores["reward_accuracy"] = reward_accuracy(
-                    pair_scores(model, examples, tokenizer.pad_token_id, ecfg.batch_size), ref_scores)
-        del model
-        results[label] = {k: round(v[0], 4) for k, v in scores.items()}
-        results[label]["seconds"] = round(time.time() - t0, 1)
-        per_row[label] = {k: v[1] for k, v in scores.items()}
+        raise ConfigError(f"{run.path if run is not None else None}: a reward model scores answers, it does not "
+                          "write them; the metric for it is reward_accuracy")
+    if "reward_accuracy" not in ecfg.metrics:
+        return None
+    if not rows.bundle.preference:
+        raise ConfigError(f"reward_accuracy needs preference pairs (template=preference); {cfg.data.path} with "
+                          f"template={cfg.template.name} gives single answers")
+    if objective == "reward":
+        return None
+    if run is None:
+        raise ConfigError("reward_accuracy of a policy needs run=<a DPO run> (its implicit reward is measured "
+                          "against the run's reference model)")
+    with console.status(f"reference log-probabilities of {rows.n} pairs"):
+        ref = run.load_reference(device)
+        scores = pair_scores(ref, rows.examples, pad_id, ecfg.batch_size)
+        del ref
+    return scores
 
-    labels = [w[0] for w in which]
-    table = Table(title=f"{run or model_path} — {n} {ecfg.split} rows")
+
+def _score(ecfg: EvalConfig, label: str, loader, prompts: list[str], rows: EvalRows, tokenizer, plain: bool,
+           ref_scores, console) -> tuple[dict, dict, list[str] | None]:
+    """(figures, per-row scores, generations or None) of one model."""
+    from ftctl.core.registry import METRICS
+    from ftctl.evaluate.generate import generate
+
+    gen_metrics = [m for m in ecfg.metrics if m not in MODEL_METRICS]
+    n, pad_id = rows.n, tokenizer.pad_token_id
+    t0 = time.time()
+    model = loader()
+    scores: dict[str, tuple[float, list[float]]] = {}
+    preds = None
+    if gen_metrics:
+        with console.status(f"generating {n} answers with the {label} model") as status:
+            preds = generate(model, tokenizer, prompts, max_new_tokens=ecfg.max_new_tokens,
+                             batch_size=ecfg.batch_size, do_sample=ecfg.do_sample, temperature=ecfg.temperature,
+                             top_p=ecfg.top_p, top_k=ecfg.top_k, stop=list(ecfg.stop), seed=ecfg.seed,
+                             add_special_tokens=plain,
+                             progress=lambda k, s=status: s.update(f"generating with the {label} model: {k}/{n}"))
+        for m in gen_metrics:
+            scores.update(METRICS.get(m)(preds, rows.refs, labels=list(ecfg.labels) or None))
+    if "perplexity" in ecfg.metrics:
+        with console.status(f"perplexity of the {label} model on {n} rows"):
+            scores["perplexity"] = perplexity(model, rows.examples, pad_id, ecfg.batch_size)
+    if "reward_accuracy" in ecfg.metrics:
+        with console.status(f"scoring {n} preference pairs with the {label} model"):
+            scores["reward_accuracy"] = reward_accuracy(pair_scores(model, rows.examples, pad_id, ecfg.batch_size),
+                                                        ref_scores)
+    del model
+    figures = {k: round(v[0], 4) for k, v in scores.items()}
+    figures["seconds"] = round(time.time() - t0, 1)
+    return figures, {k: v[1] for k, v in scores.items()}, preds
+
+
+def _print_table(console, title: str, results: dict, labels: list[str]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
     table.add_column("metric")
     for label in labels:
         table.add_column(label, justify="right")
@@ -344,19 +308,24 @@ def run_eval(ecfg: EvalConfig, overrides: list[str] | None = None, console=None)
         table.add_row(k, *cells)
     console.print(table)
 
+
+def _write(ecfg: EvalConfig, cfg, run: Run | None, model_path: Path, rows: EvalRows, results: dict, per_row: dict,
+           preds_by: dict, console) -> dict:
+    """eval/<name>.json (the figures and settings) and eval/<name>.predictions.jsonl (one line per row)."""
+    labels = list(results)
     name = ecfg.name or "_".join(ecfg.metrics) + (f"_{ecfg.shots}shot" if ecfg.shots else "")
-    where = (run / "eval") if run is not None else Path(ecfg.output or model_path / "eval")
+    where = (run.path / "eval") if run is not None else Path(ecfg.output or model_path / "eval")
     where.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(ecfg, k) for k in ("split", "limit", "max_new_tokens", "batch_size", "do_sample",
                                                 "temperature", "top_p", "top_k", "stop", "seed", "compare",
                                                 "shots", "shot_selection", "labels")}
     settings["decoding"] = "sampling" if ecfg.do_sample else "greedy"
-    report = {"run": str(run) if run is not None else None, "model": str(model_path), "rows": n,
+    report = {"run": str(run.path) if run is not None else None, "model": str(model_path), "rows": rows.n,
               "metrics": ecfg.metrics, "results": results, "settings": settings,
               "data": {"path": cfg.data.path, "template": cfg.template.name}}
     lines = []
-    for i in range(n):
-        row = {"prompt": prompts[i], "reference": refs[i]}
+    for i in range(rows.n):
+        row = {"prompt": rows.prompts[i], "reference": rows.refs[i]}
         for label in labels:
             if label in preds_by:
                 row[f"prediction_{label}"] = preds_by[label][i]
@@ -366,3 +335,39 @@ def run_eval(ecfg: EvalConfig, overrides: list[str] | None = None, console=None)
     atomic_write_json(where / f"{name}.json", report)
     console.print(f"wrote {where / (name + '.json')} and {name}.predictions.jsonl", highlight=False)
     return report
+
+
+def run_eval(ecfg: EvalConfig, overrides: list[str] | None = None, console=None) -> dict:
+    """Score a run (or a model folder) on its held-out rows: print a table, write eval/, return the report."""
+    from rich.console import Console
+
+    from ftctl.data.templates import from_config
+    from ftctl.models import load as models
+
+    console = console or Console()
+    _check(ecfg)
+    cfg, manifest, run = _config(ecfg, list(overrides or []))
+    if cfg.get("task", "generate") == "classify":
+        from ftctl.tasks.classify import run_eval as classify_eval
+
+        return classify_eval(ecfg, cfg, manifest, run.path if run is not None else None, console)
+    seq2seq = cfg.model.get("kind", "causal") == "seq2seq"
+    if seq2seq and set(ecfg.metrics) & set(MODEL_METRICS):
+        raise ConfigError(f"{', '.join(sorted(set(ecfg.metrics) & set(MODEL_METRICS)))}: not available for "
+                          "model.kind=seq2seq runs; score generations (rouge, bleu, exact_match, accuracy, f1)")
+    model_path = Path(manifest["model_path"])
+    tokenizer = run.tokenizer() if run is not None else models.load_tokenizer(model_path)
+    rows = _rows(ecfg, cfg, tokenizer)
+    template, ctx = from_config(cfg)
+    device = pick_device()
+    which = _candidates(ecfg, cfg, run, model_path, device, rows, console)
+    ref_scores = _reference_scores(ecfg, cfg, run, device, rows, tokenizer.pad_token_id, console)
+    results, per_row, preds_by = {}, {}, {}
+    for label, loader, prompts in which:
+        results[label], per_row[label], preds = _score(ecfg, label, loader, prompts, rows, tokenizer,
+                                                       template.plain(ctx), ref_scores, console)
+        if preds is not None:
+            preds_by[label] = preds
+    _print_table(console, f"{run.path if run is not None else model_path} — {rows.n} {ecfg.split} rows", results,
+                 list(results))
+    return _write(ecfg, cfg, run, model_path, rows, results, per_row, preds_by, console)

@@ -1,12 +1,13 @@
 """``ftctl runs``: the run directories under folders, one line each; ``ftctl runs compare A B ...``: their
-configs' differences and their figures side by side. Reads manifest.json, config.yaml and metrics.jsonl;
-loads no model."""
+configs' differences and their figures side by side. Reads manifest.json, config.yaml and metrics.jsonl
+(with ``ftctl.rundir``'s readers); loads no model."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from ftctl.core.errors import ConfigError, RunDirError
+from ftctl.rundir import read_config, read_manifest, read_metrics
 
 DEFAULT_ROOTS = ("outputs", "multirun")
 FIGURES = (("status", "status"), ("recipe", "recipe"), ("peft_method", "method"), ("trainable_params", "trainable params"),
@@ -35,15 +36,10 @@ def find_runs(roots: list[Path], depth: int = 5) -> list[Path]:
 
 
 def _manifest(run: Path) -> dict:
-    try:
-        return json.loads((run / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_manifest(run) or {}
 
 
 def _last_step(run: Path) -> int | None:
-    from ftctl.rundir import read_metrics
-
     steps = [r["step"] for r in read_metrics(run) if isinstance(r.get("step"), int) and "loss" in r]
     return steps[-1] if steps else None
 
@@ -114,14 +110,14 @@ def _flat(d, prefix: str = "") -> dict:
 
 def config_differences(runs: list[Path]) -> tuple[list[str], dict, int]:
     """(keys whose values differ, {run: flat config}, number of keys that agree)."""
-    import yaml
+    from omegaconf import OmegaConf
 
     flats = {}
     for r in runs:
-        f = r / "config.yaml"
-        if not f.is_file():
+        cfg = read_config(r)
+        if cfg is None:
             raise RunDirError(f"runs compare: {r}: no config.yaml (not a run directory)")
-        flats[r] = _flat(yaml.safe_load(f.read_text()) or {})
+        flats[r] = _flat(OmegaConf.to_container(cfg, resolve=False))
     keys = list(dict.fromkeys(k for fl in flats.values() for k in fl))
     differ = [k for k in keys if len({json.dumps(fl.get(k), sort_keys=True, default=str) for fl in flats.values()}) > 1]
     return differ, flats, len(keys) - len(differ)

@@ -1,6 +1,8 @@
 """`ftctl chat` (talk to a tuned model in the terminal, streaming) and `ftctl generate` (one prompt, or
-a file of prompts). A prompt is wrapped the way the run was trained: the chat template for chat runs,
-the Alpaca prompt for Alpaca runs, as is otherwise (``raw=true`` always sends it as is)."""
+a file of prompts). A prompt is wrapped the way the run was trained, by the run's template
+(``ftctl.data.templates``: ``inference_prompt``, the prompt of a training row that asks it): the chat
+template for chat runs, the Alpaca prompt for Alpaca runs, the text as is for plain preference and
+completion runs (``raw=true`` always sends it as is)."""
 from __future__ import annotations
 
 import json
@@ -9,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ftctl.core.device import pick_device
 from ftctl.core.errors import ConfigError
-from ftctl.rundir import load_finished_run
+from ftctl.rundir import load_folder, open_run
 
 
 @dataclass
@@ -31,45 +34,26 @@ class GenerateConfig:
 
 
 def _load(gcfg: GenerateConfig):
-    """(model, tokenizer, template name) for a run directory or a model folder."""
-    import torch
-    from omegaconf import OmegaConf
-
+    """(model, tokenizer, template, context) for a run directory or a model folder: the template the run
+    trained with (a model folder: its tokenizer's chat template, or the text as is)."""
+    from ftctl.data.templates import Context, from_config
+    from ftctl.core.registry import TEMPLATES
     from ftctl.models import load as models
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if bool(gcfg.run) == bool(gcfg.model):
         raise ConfigError("give run=<run directory> or model=<model folder>")
+    device = pick_device()
     if gcfg.model:
         folder = Path(gcfg.model).expanduser()
         if not (folder / "config.json").is_file():
             raise ConfigError(f"model={folder}: not a model folder (no config.json)")
-        cfg = OmegaConf.create({"model": {"dtype": "auto", "trust_remote_code": False},
-                                "quant": {"method": "none", "compute_dtype": "auto", "double_quant": True}})
         tok = models.load_tokenizer(folder)
-        return models.load_model(folder, cfg.model, cfg.quant, device), tok, "chat" if tok.chat_template else "raw"
-    from ftctl.evaluate.run import load_models
-
-    run = Path(gcfg.run)
-    manifest, cfg = load_finished_run(run)
-    tok = models.load_tokenizer(Path(manifest["model_path"]))
-    _, tuned = load_models(run, manifest, cfg, device)
-    return tuned(), tok, cfg.template.name
-
-
-def wrap(prompt: str, template: str, tokenizer, system: str | None = None, history: list | None = None) -> str:
-    """The text generation is conditioned on, as the run was trained."""
-    from ftctl.data.templates import alpaca
-
-    if template in ("chat", "preference") and tokenizer.chat_template:
-        messages = ([{"role": "system", "content": system}] if system else []) + list(history or []) + [
-            {"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if template == "alpaca":
-        return alpaca({"instruction": prompt, "output": "-"}).prompt
-    if template == "flan":
-        return prompt.rstrip() + "\n"
-    return prompt
+        template = TEMPLATES.get("chat" if tok.chat_template else "completion")
+        return load_folder(folder, device), tok, template, Context(tokenizer=tok)
+    run = open_run(gcfg.run)
+    tok = run.tokenizer()
+    template, ctx = from_config(run.config, tok)
+    return run.load_model(device), tok, template, ctx
 
 
 def _prompts(gcfg: GenerateConfig) -> list[str]:
@@ -104,11 +88,11 @@ def generate_cmd(gcfg: GenerateConfig, console) -> list[str]:
     from ftctl.core.atomic import atomic_write_text
 
     prompts = _prompts(gcfg)
-    model, tok, template = _load(gcfg)
-    texts = [p if gcfg.raw else wrap(p, template, tok, gcfg.system) for p in prompts]
+    model, tok, template, ctx = _load(gcfg)
+    texts = [p if gcfg.raw else template.inference_prompt(p, ctx, gcfg.system) for p in prompts]
     outs = generate(model, tok, texts, max_new_tokens=gcfg.max_new_tokens, batch_size=gcfg.batch_size,
                     do_sample=gcfg.do_sample, temperature=gcfg.temperature, top_p=gcfg.top_p, seed=gcfg.seed,
-                    add_special_tokens=gcfg.raw or template not in ("chat", "preference"))
+                    add_special_tokens=gcfg.raw or template.plain(ctx))
     if gcfg.output:
         atomic_write_text(Path(gcfg.output), "".join(json.dumps({"prompt": p, "output": o}, ensure_ascii=False) + "\n"
                                                      for p, o in zip(prompts, outs)))
@@ -126,7 +110,7 @@ def chat_cmd(gcfg: GenerateConfig, console) -> None:
     import torch
     from transformers import TextIteratorStreamer
 
-    model, tok, template = _load(gcfg)
+    model, tok, template, ctx = _load(gcfg)
     model.eval()
     device = next(model.parameters()).device
     history: list[dict] = []
@@ -145,8 +129,8 @@ def chat_cmd(gcfg: GenerateConfig, console) -> None:
             continue
         if not line.strip():
             continue
-        text = wrap(line, template, tok, gcfg.system, history)
-        enc = tok(text, return_tensors="pt", add_special_tokens=template not in ("chat", "preference")).to(device)
+        text = template.inference_prompt(line, ctx, gcfg.system, history)
+        enc = tok(text, return_tensors="pt", add_special_tokens=template.plain(ctx)).to(device)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(**enc, max_new_tokens=gcfg.max_new_tokens, streamer=streamer, do_sample=gcfg.do_sample,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)

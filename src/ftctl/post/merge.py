@@ -3,16 +3,15 @@ after checking that the merged model's logits match base + adapter."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ftctl.core.atomic import atomic_write_json, replace_folder
+from ftctl.core.device import pick_device
 from ftctl.core.errors import ConfigError, FtctlError, RunDirError
-from ftctl.core.atomic import atomic_write_json
-from ftctl.rundir import load_finished_run
+from ftctl.rundir import open_run
 
 # largest |logit difference| accepted between the merged model and base + adapter, by dtype
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
@@ -31,50 +30,37 @@ class MergeConfig:
     check_rows: int = 4  # held-out prompts whose logits are compared
 
 
-def merge(mcfg: MergeConfig, console) -> Path:
-    import torch
-
-    from ftctl.models import load as models
-
+def _open(mcfg: MergeConfig):
+    """(run, peft type, output folder) of a run whose adapter can be merged; ConfigError or RunDirError
+    saying why not otherwise."""
     if not mcfg.run:
         raise ConfigError("ftctl merge needs run=<run directory>")
     if mcfg.dtype not in TOLERANCE:
         raise ConfigError(f"dtype={mcfg.dtype!r} is not allowed; choose one of: {', '.join(TOLERANCE)}")
-    run = Path(mcfg.run)
-    manifest, cfg = load_finished_run(run)
-    if (run / "model").is_dir() and not (run / "adapter").is_dir():
-        raise ConfigError(f"run={run} is a full fine-tune: {run / 'model'} is already a standalone model folder")
-    if (run / "classifier").is_dir():
-        raise ConfigError(f"run={run} is a feature-based classifier (classify.strategy=features): its logistic "
+    run = open_run(mcfg.run)
+    if run.model_folder is not None and run.adapter is None:
+        raise ConfigError(f"run={run.path} is a full fine-tune: {run.model_folder} is already a standalone model folder")
+    if run.classifier is not None:
+        raise ConfigError(f"run={run.path} is a feature-based classifier (classify.strategy=features): its logistic "
                           "regression in classifier/ sits on the unchanged base; there is nothing to merge")
-    adapter = run / "adapter"
+    adapter = run.path / "adapter"
     if not (adapter / "adapter_config.json").is_file():
-        raise RunDirError(f"run={run}: no adapter/adapter_config.json (did the run finish?)")
+        raise RunDirError(f"run={run.path}: no adapter/adapter_config.json (did the run finish?)")
     peft_type = json.loads((adapter / "adapter_config.json").read_text()).get("peft_type", "?")
     if peft_type not in MERGEABLE:
         raise ConfigError(f"{peft_type.lower()} adapters cannot be merged: their trained parameters are extra inputs "
                           "(virtual tokens or prompts), not changes to the base weights; use the run's adapter as is")
-    out = Path(mcfg.output) if mcfg.output else run / "merged"
+    out = Path(mcfg.output) if mcfg.output else run.path / "merged"
     if out.exists() and any(out.iterdir()) and not mcfg.overwrite:
         raise RunDirError(f"output={out} already exists; choose another output= or pass overwrite=true")
+    return run, peft_type, out
 
-    base_path = Path(manifest["model_path"])
-    tokenizer = models.load_tokenizer(base_path)
-    dtype = getattr(torch, mcfg.dtype)
-    t0 = time.time()
-    from peft import PeftModel
 
-    classify = cfg.get("task", "generate") == "classify"
-    auto_cls, head_kwargs = models.auto_class(cfg.model.get("kind", "causal"), "classify" if classify else "lm",
-                                              tokenizer.pad_token_id, manifest.get("classify", {}).get("labels"))
-    # the base in full precision, never quantized: a QLoRA adapter folds into the real weights
-    with console.status(f"loading {base_path} in {mcfg.dtype} with the adapter"):
-        base = auto_cls.from_pretrained(base_path, dtype=dtype, use_safetensors=True,
-                                        trust_remote_code=bool(cfg.model.get("trust_remote_code", False)), **head_kwargs)
-        model = PeftModel.from_pretrained(base, adapter).eval()
-    inputs = _sample_inputs(cfg, tokenizer, mcfg.check_rows)
-    if base.config.is_encoder_decoder:  # the same text through the decoder exercises its weights too
-        inputs["decoder_input_ids"] = inputs["input_ids"]
+def _fold(model, inputs, mcfg: MergeConfig, console):
+    """The merged model, and the largest |logit difference| between it and base + adapter on ``inputs``
+    (RunDirError above the dtype's tolerance)."""
+    import torch
+
     with torch.no_grad():
         before = model(**inputs).logits.float()
         merged = model.merge_and_unload().eval()
@@ -88,20 +74,36 @@ def merge(mcfg: MergeConfig, console) -> Path:
     if not diff <= tol:
         raise RunDirError(f"merge refused: merged logits differ from base + adapter by {diff:.3g} > {tol} "
                           f"(dtype={mcfg.dtype}); try dtype=float32")
+    return merged, diff
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+
+def merge(mcfg: MergeConfig, console) -> Path:
+    from ftctl.models.load import auto_class
+
+    run, peft_type, out = _open(mcfg)
+    tokenizer = run.tokenizer()
+    t0 = time.time()
+    # the base in full precision, never quantized, on the CPU: a QLoRA adapter folds into the real weights
+    with console.status(f"loading {run.base_path} in {mcfg.dtype} with the adapter"):
+        model = run.load_model(pick_device("cpu"), dtype=mcfg.dtype, quantized=False).eval()
+    inputs = _sample_inputs(run.config, tokenizer, mcfg.check_rows)
+    if model.get_base_model().config.is_encoder_decoder:  # the same text through the decoder exercises its weights too
+        inputs["decoder_input_ids"] = inputs["input_ids"]
+    merged, diff = _fold(model, inputs, mcfg, console)
+
+    def build(folder: Path) -> None:
+        merged.save_pretrained(folder, safe_serialization=True, max_shard_size=mcfg.max_shard_size)
+        tokenizer.save_pretrained(folder)
+        atomic_write_json(folder / "ftctl-merge.json", {
+            "run": str(run.path), "base": str(run.base_path), "adapter": str(run.adapter), "peft_type": peft_type,
+            "dtype": mcfg.dtype, "max_logit_diff": diff, "tolerance": TOLERANCE[mcfg.dtype],
+            "check_prompts": int(inputs["attention_mask"].shape[0]),
+            "quantized_training_base": run.config.quant.method != "none"})
+
     with console.status(f"writing {out}"):
-        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=mcfg.max_shard_size)
-        tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / "ftctl-merge.json", {
-            "run": str(run), "base": str(base_path), "adapter": str(adapter), "peft_type": peft_type,
-            "dtype": mcfg.dtype, "max_logit_diff": diff, "tolerance": tol, "check_prompts": int(mask.shape[0]),
-            "quantized_training_base": cfg.quant.method != "none"})
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        replace_folder(out, build)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    auto_cls, _ = auto_class(run.config.model.get("kind", "causal"), run.head, labels=run.labels)
     console.print(f"[green]merged[/] in {time.time() - t0:.0f}s: {out} ({size / 2**20:.0f} MiB); "
                   f"load it with {auto_cls.__name__}.from_pretrained({str(out)!r})", highlight=False)
     return out

@@ -10,17 +10,17 @@ before and after, the compression factor, and perplexity on held-out rows before
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+from ftctl.core.atomic import atomic_write_json, replace_folder
+from ftctl.core.device import pick_device
 from ftctl.core.errors import ConfigError, FtctlError, RunDirError
 from ftctl.core.registry import Registry
-from ftctl.core.atomic import atomic_write_json
-from ftctl.models.bitdelta import BITDELTA_FILE, load_bitdelta
+from ftctl.models.bitdelta import BITDELTA_FILE
+from ftctl.rundir import bare_config, load_folder
 
 QUANTIZERS = Registry("quantize method", "ftctl.post.quantize")
 
@@ -49,10 +49,10 @@ def _bnb(kind: str):
         import torch
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+        device = pick_device()
         qc = (BitsAndBytesConfig(load_in_8bit=True) if kind == "int8" else
               BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+                                 bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32))
         model = AutoModelForCausalLM.from_pretrained(src, quantization_config=qc, device_map={"": device},
                                                      use_safetensors=True)
         model.save_pretrained(dst, safe_serialization=True)
@@ -73,7 +73,7 @@ def _torchao(kind: str):
         except ImportError as e:
             raise ConfigError(f"method={kind} needs torchao: pip install torchao ({e})") from None
         conf = Int8WeightOnlyConfig() if kind == "int8" else Int4WeightOnlyConfig(group_size=qcfg.group_size)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = pick_device()
         dtype = torch.bfloat16 if kind == "int4" else None
         try:  # a probe on one small layer first: a missing kernel is reported before the model loads
             from torchao.quantization import quantize_
@@ -183,33 +183,19 @@ def _distil_scales(ft, base, signs, scales, batches, qcfg, console):
 
 # ----------------------------------------------------------------------------- command
 def _load_any(folder: Path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if (folder / BITDELTA_FILE).is_file():
-        return load_bitdelta(folder)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = json.loads((folder / "config.json").read_text())
-    if "quantization_config" in cfg:
-        return AutoModelForCausalLM.from_pretrained(folder, device_map={"": device}, use_safetensors=True)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).to(device)
+    """A model folder as ftctl quantize measures it: in float32, unless the folder says how it loads
+    (quantized, or bitdelta)."""
+    cfg = bare_config("float32")
+    return load_folder(folder, pick_device(), cfg.model, cfg.quant)
 
 
-def quantize(qcfg: QuantizeConfig, overrides: list[str], console) -> Path:
-    from rich.table import Table
-
-    from ftctl.models import load as models
-    from ftctl.config.compose import compose
-    from ftctl.data import pipeline
-    from ftctl.data.tokenize import collate
-    from ftctl.evaluate.generate import generate
-    from ftctl.evaluate.run import perplexity
-
+def _check(qcfg: QuantizeConfig) -> tuple[Path, Path]:
+    """(source folder, output folder); ConfigError or RunDirError for settings that cannot work."""
     if not qcfg.model:
         raise ConfigError("ftctl quantize needs model=<model folder> (e.g. a run's merged/ folder from ftctl merge)")
     if not qcfg.method:
         raise ConfigError(f"ftctl quantize needs method=; choose one of: {', '.join(QUANTIZERS.names())}")
-    fn = QUANTIZERS.get(qcfg.method)
+    QUANTIZERS.get(qcfg.method)
     src = Path(qcfg.model).expanduser().resolve()
     if not (src / "config.json").is_file():
         raise ConfigError(f"model={src}: not a model folder (no config.json)")
@@ -220,6 +206,25 @@ def quantize(qcfg: QuantizeConfig, overrides: list[str], console) -> Path:
     out = Path(qcfg.output).expanduser() if qcfg.output else src.with_name(f"{src.name}-{qcfg.method}")
     if out.exists() and any(out.iterdir()) and not qcfg.overwrite:
         raise RunDirError(f"output={out} already exists; choose another output= or pass overwrite=true")
+    return src, out
+
+
+@dataclass
+class HeldOut:
+    """The config's data for the quality check: held-out rows for perplexity, a prompt for a sample, and
+    training rows for BitDelta's calibration."""
+    cfg: Any
+    tokenizer: Any
+    rows: list[dict]
+    prompt: list[str]
+    calibration: Optional[list[dict]]  # bitdelta with calibration_steps: a few training batches (inputs only)
+
+
+def _held_out(qcfg: QuantizeConfig, src: Path, overrides: list[str]) -> HeldOut:
+    from ftctl.config.compose import compose
+    from ftctl.data import pipeline
+    from ftctl.data.tokenize import collate
+    from ftctl.models import load as models
 
     # held-out rows for the quality check: the config's data (a recipe=/data= override picks it)
     cfg, _ = compose("train", list(overrides) + [f"model.path={src}", "quant=none"])
@@ -227,52 +232,76 @@ def quantize(qcfg: QuantizeConfig, overrides: list[str], console) -> Path:
     bundle = pipeline.build(cfg, tokenizer)
     held = (bundle.validation.examples or bundle.train.examples)[:qcfg.eval_rows]
     prompt = (bundle.validation.prompts or bundle.train.prompts)[:1]
-    t0 = time.time()
-    with console.status(f"perplexity of {src.name} on {len(held)} held-out rows"):
-        ppl_before = perplexity(_load_any(src), held, tokenizer.pad_token_id, 8)[0]
     calibration = None
     if qcfg.method == "bitdelta" and qcfg.calibration_steps:
         train = bundle.train.unpacked if bundle.train.unpacked is not None else bundle.train.examples
         calibration = [{k: v for k, v in collate(train[i:i + 4], tokenizer.pad_token_id).items() if k != "labels"}
                        for i in range(0, min(len(train), 4 * 8), 4)]
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with console.status(f"quantizing with {qcfg.method}"):
-            if qcfg.method == "bitdelta":
-                fn(src, tmp, qcfg, console, calibration=calibration)
-            else:
-                fn(src, tmp, qcfg, console)
-            tokenizer.save_pretrained(tmp)
-        with console.status("reloading the quantized model"):
-            model = _load_any(tmp)
-            ppl_after = perplexity(model, held, tokenizer.pad_token_id, 8)[0]
-            sample = generate(model, tokenizer, prompt, max_new_tokens=24)[0] if prompt else ""
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    before, after = weight_bytes(src), weight_bytes(tmp)
-    report = {"model": str(src), "method": qcfg.method, "output": str(out), "bytes_before": before,
-              "bytes_after": after, "compression": round(before / max(after, 1), 2),
-              "perplexity_before": round(ppl_before, 4), "perplexity_after": round(ppl_after, 4),
-              "eval_rows": len(held), "data": cfg.data.path, "seconds": round(time.time() - t0, 1),
-              "sample_prompt": prompt[0] if prompt else "", "sample_output": sample}
-    if qcfg.method == "bitdelta":
-        report["base"] = json.loads((tmp / BITDELTA_FILE).read_text())["base"]
-        report["calibration_steps"] = qcfg.calibration_steps
-    atomic_write_json(tmp / "ftctl-quantize.json", report)
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    return HeldOut(cfg, tokenizer, held, prompt, calibration)
 
+
+def _quantize_into(folder: Path, src: Path, qcfg: QuantizeConfig, held: HeldOut, console) -> dict:
+    """Quantize ``src`` into ``folder`` with its tokenizer, reload it, and measure it: perplexity on the
+    held-out rows and a sample generation."""
+    from ftctl.evaluate.generate import generate
+    from ftctl.evaluate.run import perplexity
+
+    fn = QUANTIZERS.get(qcfg.method)
+    with console.status(f"quantizing with {qcfg.method}"):
+        if qcfg.method == "bitdelta":
+            fn(src, folder, qcfg, console, calibration=held.calibration)
+        else:
+            fn(src, folder, qcfg, console)
+        held.tokenizer.save_pretrained(folder)
+    with console.status("reloading the quantized model"):
+        model = _load_any(folder)
+        ppl = perplexity(model, held.rows, held.tokenizer.pad_token_id, 8)[0]
+        sample = generate(model, held.tokenizer, held.prompt, max_new_tokens=24)[0] if held.prompt else ""
+    return {"perplexity_after": ppl, "sample": sample, "bytes_after": weight_bytes(folder)}
+
+
+def _print_table(console, src: Path, out: Path, qcfg: QuantizeConfig, report: dict) -> None:
+    from rich.table import Table
+
+    before, after = report["bytes_before"], report["bytes_after"]
     table = Table(title=f"{src.name} → {out.name} ({qcfg.method})")
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     table.add_row("weights on disk", f"{before / 2**20:,.1f} MiB", f"{after / 2**20:,.1f} MiB")
     table.add_row("compression", "", f"{before / max(after, 1):.2f}×")
-    table.add_row(f"perplexity ({len(held)} held-out rows)", f"{ppl_before:.3f}", f"{ppl_after:.3f}")
+    table.add_row(f"perplexity ({report['eval_rows']} held-out rows)", f"{report['ppl_before']:.3f}",
+                  f"{report['ppl_after']:.3f}")
     console.print(table)
-    console.print(f"sample: {sample[:200]!r}", highlight=False, markup=False)
+    console.print(f"sample: {report['sample_output'][:200]!r}", highlight=False, markup=False)
     console.print(f"[green]wrote[/] {out}", highlight=False)
+
+
+def quantize(qcfg: QuantizeConfig, overrides: list[str], console) -> Path:
+    """Write a quantized copy of a model folder, with ftctl-quantize.json: sizes and perplexity before and after."""
+    from ftctl.evaluate.run import perplexity
+
+    src, out = _check(qcfg)
+    held = _held_out(qcfg, src, overrides)
+    t0 = time.time()
+    with console.status(f"perplexity of {src.name} on {len(held.rows)} held-out rows"):
+        ppl_before = perplexity(_load_any(src), held.rows, held.tokenizer.pad_token_id, 8)[0]
+    shown = {}
+
+    def build(folder: Path) -> None:
+        got = _quantize_into(folder, src, qcfg, held, console)
+        before, after = weight_bytes(src), got["bytes_after"]
+        report = {"model": str(src), "method": qcfg.method, "output": str(out), "bytes_before": before,
+                  "bytes_after": after, "compression": round(before / max(after, 1), 2),
+                  "perplexity_before": round(ppl_before, 4), "perplexity_after": round(got["perplexity_after"], 4),
+                  "eval_rows": len(held.rows), "data": held.cfg.data.path, "seconds": round(time.time() - t0, 1),
+                  "sample_prompt": held.prompt[0] if held.prompt else "", "sample_output": got["sample"]}
+        if qcfg.method == "bitdelta":
+            report["base"] = json.loads((folder / BITDELTA_FILE).read_text())["base"]
+            report["calibration_steps"] = qcfg.calibration_steps
+        atomic_write_json(folder / "ftctl-quantize.json", report)
+        shown.update(report, ppl_before=ppl_before, ppl_after=got["perplexity_after"])
+
+    replace_folder(out, build)
+    _print_table(console, src, out, qcfg, shown)
     return out
