@@ -2,6 +2,7 @@
 every trainable one moves (and only the ones the method means to train), and the saved adapter (or model
 folder) reloaded the way `ftctl eval` loads it gives the trained model's logits. Then quantized bases, the
 optimizers, the parameter report and the config errors."""
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from conftest import compose, run_cli
 
 from ftctl.core.registry import ADAPTERS
+from ftctl.methods.spec import METHODS as SPECS, method_spec
 from ftctl.rundir import read_metrics
 from ftctl.train import loop as runner
 
@@ -53,19 +55,25 @@ def _logits(model, batch):
 
 
 def _train_with_spies(monkeypatch, overrides):
-    """Run the real runner; keep the parameters as the method left them and the model the run saved."""
+    """Run the real runner; keep the parameters as the method left them and the model the run saved. The wrap
+    is spied on whichever way the runner finds it: ADAPTERS.get(name) or method_spec(name).wrap."""
     seen = {}
-    get = ADAPTERS.get
+    get, get_spec = ADAPTERS.get, SPECS.get
 
-    def spy_get(name):
-        fn = get(name)
-
+    def spy(fn):
         def wrapped(model, *a, **k):
             model = fn(model, *a, **k)
             seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
             seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
             return model
         return wrapped
+
+    def spy_get(name):
+        return spy(get(name))
+
+    def spy_get_spec(name):
+        spec = get_spec(name)
+        return dataclasses.replace(spec, wrap=spy(spec.wrap))
 
     save = runner.save_final
 
@@ -74,6 +82,7 @@ def _train_with_spies(monkeypatch, overrides):
         return save(model, tokenizer, out, is_adapter, *rest)
 
     monkeypatch.setattr(ADAPTERS, "get", spy_get)
+    monkeypatch.setattr(SPECS, "get", spy_get_spec)
     monkeypatch.setattr(runner, "save_final", spy_save)
     cfg, choices = compose(*overrides)
     out = runner.train(cfg, choices)
@@ -114,7 +123,8 @@ def test_method_trains_only_its_parameters_and_reloads_exactly(tmp_path, monkeyp
     batch = collate(pipeline.build(cfg, tok).validation.examples[:3], tok.pad_token_id)
     want = _logits(trained, batch)
     got = _logits(open_run(out).load_model(torch.device("cpu")), batch)
-    if method in ("pissa", "olora"):
+    spec = method_spec(method)
+    if spec.mutates_base_init:
         # saved as plain LoRA of rank 2r against the original base (the run trained against the residual base)
         assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 2 * 4
         assert torch.allclose(got, want, atol=1e-4, rtol=0), float((got - want).abs().max())
@@ -124,7 +134,7 @@ def test_method_trains_only_its_parameters_and_reloads_exactly(tmp_path, monkeyp
         assert torch.allclose(got, want, atol=1e-5, rtol=0), float((got - want).abs().max())
     else:
         assert torch.equal(got, want), float((got - want).abs().max())
-    assert (out / ("model" if method in ("bitfit", "freeze", "full") else "adapter")).is_dir()
+    assert (out / ("adapter" if spec.adapter else "model")).is_dir()
 
 
 def test_lora_plus_gives_the_b_matrices_a_larger_learning_rate(tmp_path):
@@ -218,6 +228,7 @@ def test_start_of_run_reports_what_trains(tmp_path):
     (["peft=loftq"], "peft.method=loftq initialises LoRA against a 4-bit base's quantization error"),
     (["peft=pissa", "quant=nf4"], "peft.method=pissa rewrites the base weights at initialisation"),
     (["peft=freeze", "quant=nf4"], "peft.method=freeze trains whole blocks, which cannot be quantized"),
+    (["peft=loha", "quant=nf4"], "peft.method=loha does not work over a 4-bit base"),
     (["peft=freeze", "peft.trainable_layers=5"], "peft.trainable_layers=5: the model has 2 blocks"),
     (["peft=prompt_tuning", "data.packing=true"], "data.packing=true does not work with peft.method=prompt_tuning"),
     (["peft=prompt_tuning", "peft.prompt_init=text"], "peft.prompt_init=text needs peft.prompt_init_text="),

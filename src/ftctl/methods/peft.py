@@ -1,5 +1,7 @@
-"""The adaptation-method registry: ``peft.method`` -> a function that makes a model trainable.
+"""The adaptation methods: ``peft.method`` -> a function that makes a model trainable, with its traits.
 
+Each function carries ``@method(name, **traits)``, which makes its MethodSpec (ftctl.methods.spec): the traits
+the rest of ftctl reads (saves an adapter? merges? which quantized bases? virtual tokens? a per-step hook?).
 Each function takes (model, peft_cfg, quantized, gradient_checkpointing, steps=, model_path=) and returns
 the model to train, with exactly the parameters to update set to ``requires_grad``. Everything peft
 implements goes through peft (LoRA and its variants, the LyCORIS and orthogonal families, IA3, VeRA,
@@ -16,13 +18,21 @@ import tempfile
 from omegaconf import OmegaConf
 
 from ftctl.core.errors import ConfigError
-from ftctl.core.registry import ADAPTERS
+from ftctl.methods.spec import FLOAT_BASE, FOUR_BIT_BASE, adapter_spec, method, method_spec
 
-# methods that put virtual tokens in front of the input: no packing (peft drops position ids), no merge
-PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
-# methods whose initialisation rewrites the base weights; the saved adapter is converted to plain LoRA
-# against the original base (peft's path_initial_model_for_weight_conversion)
-MUTATING_INIT = ("pissa", "olora")
+# the traits every LoRA-shaped method shares: a LORA adapter that folds into the base weights
+LORA = {"peft_type": "LORA", "merges": True}
+# PiSSA and OLoRA: the residual base W - B·A is written at initialisation; the saved adapter is converted to plain
+# LoRA against the original base (peft's path_initial_model_for_weight_conversion); plan them as LoRA
+MUTATING_INIT = {**LORA, "mutates_base_init": True, "shapes_as": "lora", "base_quant": FLOAT_BASE,
+                 "quant_reason": "rewrites the base weights at initialisation (W - B·A), which needs them unquantized: "
+                                 "use quant=none, or peft.method=loftq for a 4-bit base"}
+# peft's LoHa and LoKr layers read the base weight's shape, which bitsandbytes packs in 4-bit layers
+NOT_FOUR_BIT = {"base_quant": ("none", "int8"),
+                "quant_reason": "does not work over a 4-bit base (peft's LyCORIS layers cannot wrap bitsandbytes 4-bit "
+                                "weights): use quant=int8 or quant=none, or peft.method=lora"}
+# soft prompts: trained virtual tokens before the input (peft's prompt learning); nothing to merge
+PROMPT = {"virtual_tokens": True}
 
 
 def _list(value):
@@ -89,28 +99,38 @@ def _lora(model, peft_cfg, quantized, gradient_checkpointing, extra, **kwargs):
     return _wrap(model, config, peft_cfg, quantized, gradient_checkpointing)
 
 
-@ADAPTERS.register("lora")
+@method("lora", **LORA)
 def lora(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
          **extra):
     """LoRA (Hu et al., 2021): a trained low-rank update B·A beside each target weight; over a 4/8-bit base, QLoRA."""
     return _lora(model, peft_cfg, quantized, gradient_checkpointing, extra)
 
 
-@ADAPTERS.register("rslora")
+@method("rslora", **LORA)
 def rslora(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
            **extra):
     """rsLoRA (Kalajdzievski, 2023): LoRA scaled by alpha/sqrt(r) instead of alpha/r, so high ranks keep learning."""
     return _lora(model, peft_cfg, quantized, gradient_checkpointing, extra, use_rslora=True)
 
 
-@ADAPTERS.register("dora")
+@method("dora", **LORA)
 def dora(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
          **extra):
     """DoRA (Liu et al., 2024): LoRA on the direction of each weight plus a trained magnitude vector."""
     return _lora(model, peft_cfg, quantized, gradient_checkpointing, extra, use_dora=True)
 
 
-@ADAPTERS.register("loraplus")
+def loraplus_optimizer(model, optimizer_cls, trainer_cfg, peft_cfg, **kwargs):
+    """LoRA+'s optimizer: the B matrices' learning rate is peft.loraplus_lr_ratio times trainer.lr (peft's
+    create_loraplus_optimizer); ``kwargs`` go to the optimizer class."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model, optimizer_cls=optimizer_cls, lr=trainer_cfg.lr,
+                                     loraplus_lr_ratio=peft_cfg.loraplus_lr_ratio,
+                                     weight_decay=trainer_cfg.weight_decay, **kwargs)
+
+
+@method("loraplus", **LORA, optimizer=loraplus_optimizer)
 def loraplus(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
              **extra):
     """LoRA+ (Hayou et al., 2024): LoRA whose B matrices learn peft.loraplus_lr_ratio times faster than A."""
@@ -118,9 +138,6 @@ def loraplus(model, peft_cfg, quantized=False, gradient_checkpointing=False, ste
 
 
 def _mutating_init(kind, model, peft_cfg, quantized, gradient_checkpointing, extra):
-    if quantized:
-        raise ConfigError(f"peft.method={kind} rewrites the base weights at initialisation (W - B·A), which needs "
-                          "them unquantized: use quant=none, or peft.method=loftq for a 4-bit base")
     model = _lora(model, peft_cfg, quantized, gradient_checkpointing, extra, init_lora_weights=kind)
     # keep the initial adapter, so that the final one is saved as plain LoRA against the original base
     init_dir = tempfile.mkdtemp(prefix=f"ftctl-{kind}-init-")
@@ -132,26 +149,22 @@ def _mutating_init(kind, model, peft_cfg, quantized, gradient_checkpointing, ext
     return model
 
 
-@ADAPTERS.register("pissa")
+@method("pissa", **MUTATING_INIT)
 def pissa(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None, **extra):
     """PiSSA (Meng et al., 2024): LoRA initialised from each weight's principal singular vectors, the base keeping the residual."""
     return _mutating_init("pissa", model, peft_cfg, quantized, gradient_checkpointing, extra)
 
 
-@ADAPTERS.register("olora")
+@method("olora", **MUTATING_INIT)
 def olora(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None, **extra):
     """OLoRA (Büyükakyüz, 2024): LoRA initialised from an orthonormal (QR) basis of each weight, the base keeping the residual."""
     return _mutating_init("olora", model, peft_cfg, quantized, gradient_checkpointing, extra)
 
 
-@ADAPTERS.register("loftq")
+@method("loftq", **LORA, shapes_as="lora", base_quant=FOUR_BIT_BASE,
+        quant_reason="initialises LoRA against a 4-bit base's quantization error: use it with quant=nf4 (or fp4)")
 def loftq(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None, **extra):
     """LoftQ (Li et al., 2023): LoRA over a 4-bit base, initialised so that base + B·A is closest to the float weights."""
-    import bitsandbytes as bnb
-
-    if not quantized or not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
-        raise ConfigError("peft.method=loftq initialises LoRA against a 4-bit base's quantization error: "
-                          "use it with quant=nf4 (or fp4)")
     model = _lora(model, peft_cfg, quantized, gradient_checkpointing, extra)
     try:
         loftq_init(model, model_path)
@@ -189,7 +202,7 @@ def loftq_init(model, model_path) -> int:
     return done
 
 
-@ADAPTERS.register("ia3")
+@method("ia3", peft_type="IA3", merges=True)
 def ia3(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
         **extra):
     """IA3 (Liu et al., 2022): learned vectors rescaling the keys, values and feed-forward activations."""
@@ -201,7 +214,7 @@ def ia3(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=No
     return _wrap(model, config, peft_cfg, quantized, gradient_checkpointing)
 
 
-@ADAPTERS.register("loha")
+@method("loha", peft_type="LOHA", merges=True, **NOT_FOUR_BIT)
 def loha(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
          **extra):
     """LoHa (Hyeon-Woo et al., 2022; LyCORIS): the update is a Hadamard product of two low-rank products."""
@@ -212,7 +225,7 @@ def loha(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=N
     return _wrap(model, config, peft_cfg, quantized, gradient_checkpointing)
 
 
-@ADAPTERS.register("lokr")
+@method("lokr", peft_type="LOKR", merges=True, **NOT_FOUR_BIT)
 def lokr(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
          **extra):
     """LoKr (LyCORIS): the update is a Kronecker product of a small matrix and a low-rank one."""
@@ -223,7 +236,7 @@ def lokr(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=N
     return _wrap(model, config, peft_cfg, quantized, gradient_checkpointing)
 
 
-@ADAPTERS.register("vera")
+@method("vera", peft_type="VERA", merges=True)
 def vera(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
          **extra):
     """VeRA (Kopiczko et al., 2024): frozen random low-rank matrices shared by all layers, trained scaling vectors."""
@@ -236,7 +249,12 @@ def vera(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=N
     return _wrap(model, config, peft_cfg, quantized, gradient_checkpointing)
 
 
-@ADAPTERS.register("adalora")
+def adalora_step(model, step: int) -> None:
+    """AdaLoRA's rank allocation after an optimizer step (it reads the gradients, so before they are zeroed)."""
+    model.base_model.update_and_allocate(step)
+
+
+@method("adalora", peft_type="ADALORA", merges=True, forward_adds_loss=True, step_hook=adalora_step)
 def adalora(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
             **extra):
     """AdaLoRA (Zhang et al., 2023): SVD-shaped LoRA whose rank budget moves to the layers that matter (r -> target_r)."""
@@ -255,7 +273,7 @@ def adalora(model, peft_cfg, quantized=False, gradient_checkpointing=False, step
     return _wrap(model, config, peft_cfg, quantized, gradient_checkpointing)
 
 
-@ADAPTERS.register("oft")
+@method("oft", peft_type="OFT", merges=True)
 def oft(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
         **extra):
     """OFT (Qiu et al., 2023): each weight multiplied by a trained block-diagonal orthogonal matrix."""
@@ -266,7 +284,7 @@ def oft(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=No
     return _wrap(model, config, peft_cfg, quantized, gradient_checkpointing)
 
 
-@ADAPTERS.register("boft")
+@method("boft", peft_type="BOFT", merges=True)
 def boft(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
          **extra):
     """BOFT (Liu et al., 2024): OFT whose orthogonal matrix is a product of butterfly-structured factors."""
@@ -278,7 +296,7 @@ def boft(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=N
     return _wrap(model, config, peft_cfg, quantized, gradient_checkpointing)
 
 
-@ADAPTERS.register("ln_tuning")
+@method("ln_tuning", peft_type="LN_TUNING", merges=True)
 def ln_tuning(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
               **extra):
     """LN tuning (Zhao et al., 2024): only the normalisation layers' weights are trained."""
@@ -289,7 +307,7 @@ def ln_tuning(model, peft_cfg, quantized=False, gradient_checkpointing=False, st
     return _wrap(model, config, peft_cfg, quantized, gradient_checkpointing)
 
 
-@ADAPTERS.register("prompt_tuning")
+@method("prompt_tuning", peft_type="PROMPT_TUNING", **PROMPT)
 def prompt_tuning(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
                   **extra):
     """Prompt tuning (Lester et al., 2021): trained embeddings of num_virtual_tokens tokens put before the input."""
@@ -305,7 +323,7 @@ def prompt_tuning(model, peft_cfg, quantized=False, gradient_checkpointing=False
     return _wrap(model, config, peft_cfg, quantized, gradient_checkpointing)
 
 
-@ADAPTERS.register("prefix_tuning")
+@method("prefix_tuning", peft_type="PREFIX_TUNING", **PROMPT)
 def prefix_tuning(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
                   **extra):
     """Prefix tuning (Li & Liang, 2021): trained keys and values of num_virtual_tokens positions in every layer."""
@@ -315,7 +333,7 @@ def prefix_tuning(model, peft_cfg, quantized=False, gradient_checkpointing=False
     return _wrap(model, config, peft_cfg, quantized, gradient_checkpointing)
 
 
-@ADAPTERS.register("p_tuning")
+@method("p_tuning", peft_type="P_TUNING", **PROMPT)
 def p_tuning(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
              **extra):
     """P-tuning (Liu et al., 2021): virtual-token embeddings produced by a small trained MLP prompt encoder."""
@@ -326,7 +344,7 @@ def p_tuning(model, peft_cfg, quantized=False, gradient_checkpointing=False, ste
     return _wrap(model, config, peft_cfg, quantized, gradient_checkpointing)
 
 
-@ADAPTERS.register("adaption_prompt")
+@method("adaption_prompt", peft_type="ADAPTION_PROMPT")
 def adaption_prompt(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
                     **extra):
     """LLaMA-Adapter (Zhang et al., 2023): zero-gated trained prompts in the attention of the top layers."""
@@ -354,7 +372,7 @@ def _blocks(model):
     return max(lists, key=len)
 
 
-@ADAPTERS.register("bitfit")
+@method("bitfit")
 def bitfit(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
            **extra):
     """BitFit (Ben Zaken et al., 2022): only the bias terms are trained; bias-free Llama-style layers get zero biases."""
@@ -388,13 +406,12 @@ def bitfit(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps
     return model
 
 
-@ADAPTERS.register("freeze")
+@method("freeze", trains_base_weights=True, base_quant=FLOAT_BASE,
+        quant_reason="trains whole blocks, which cannot be quantized: use quant=none, or an adapter method over the "
+                     "quantized base")
 def freeze(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
            **extra):
     """Freeze all but the last peft.trainable_layers blocks, the final norm and the output head."""
-    if quantized:
-        raise ConfigError("peft.method=freeze trains whole blocks, which cannot be quantized: use quant=none, or "
-                          "an adapter method over the quantized base")
     import torch
 
     model = prepare(model, False, gradient_checkpointing)
@@ -418,12 +435,11 @@ def freeze(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps
     return model
 
 
-@ADAPTERS.register("full")
+@method("full", trains_base_weights=True, base_quant=FLOAT_BASE,
+        quant_reason="cannot train a quantized base; use quant=none, or an adapter method such as lora")
 def full(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=None, model_path=None,
          **extra):
     """Full fine-tuning: every weight is trained."""
-    if quantized:
-        raise ConfigError("peft.method=full cannot train a quantized base; use quant=none, or an adapter method such as lora")
     model = prepare(model, False, gradient_checkpointing)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -438,10 +454,11 @@ def is_adapter(model) -> bool:
 
 
 def after_step(model, step: int) -> None:
-    """Per-step work a method needs after the optimizer step (AdaLoRA's rank allocation; needs the gradients)."""
-    inner = getattr(model, "base_model", None)
-    if is_adapter(model) and hasattr(inner, "update_and_allocate"):
-        inner.update_and_allocate(step)
+    """Per-step work a method needs after the optimizer step: the step_hook of the adapter on ``model``
+    (AdaLoRA's rank allocation; needs the gradients). Nothing for other methods."""
+    spec = adapter_spec(model)
+    if spec is not None and spec.step_hook is not None:
+        spec.step_hook(model, step)
 
 
 def save_adapter(model, folder, **kwargs) -> None:
@@ -480,6 +497,6 @@ def parameter_report(model) -> dict:
             "trainable_percent": round(100 * trainable / max(total, 1), 4), "trainable_modules": modules}
 
 
-def describe(method: str) -> str:
+def describe(name: str) -> str:
     """The one-line description of a method (its function's docstring)."""
-    return (ADAPTERS.get(method).__doc__ or "").strip().splitlines()[0]
+    return method_spec(name).description
