@@ -208,7 +208,8 @@ def test_eval_cli_scores_a_classifier_as_the_manifest_says(lora_run):
 def test_merge_a_lora_classifier(lora_run):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ftctl.tasks.classify import load_classifier, predict
+    from ftctl.rundir import open_run
+    from ftctl.tasks.classify import predict
 
     from rich.console import Console
 
@@ -220,8 +221,9 @@ def test_merge_a_lora_classifier(lora_run):
     tok = AutoTokenizer.from_pretrained(lora_run / "merged")
     from omegaconf import OmegaConf
 
-    m, cfg = _manifest(lora_run), OmegaConf.load(lora_run / "config.yaml")
-    tuned = load_classifier(lora_run, m, cfg, ["ham", "spam"], torch.device("cpu"), tok.pad_token_id)
+    run = open_run(lora_run)
+    assert run.labels == ["ham", "spam"] and OmegaConf.load(lora_run / "config.yaml").task == "classify"
+    tuned = run.load_model(torch.device("cpu"))
     ex = [{"input_ids": tok(t)["input_ids"], "label": 0} for t in HAM + SPAM]
     with torch.no_grad():
         a = tuned(**{k: v for k, v in collate(ex, 0).items() if k != "labels"}).logits

@@ -350,7 +350,7 @@ def run_eval(ecfg: EvalConfig, overrides: list[str] | None = None, console=None)
     if cfg.get("task", "generate") == "classify":
         from ftctl.tasks.classify import run_eval as classify_eval
 
-        return classify_eval(ecfg, cfg, manifest, run.path if run is not None else None, console)
+        return classify_eval(ecfg, cfg, manifest, run, console)
     seq2seq = cfg.model.get("kind", "causal") == "seq2seq"
     if seq2seq and set(ecfg.metrics) & set(MODEL_METRICS):
         raise ConfigError(f"{', '.join(sorted(set(ecfg.metrics) & set(MODEL_METRICS)))}: not available for "

@@ -451,10 +451,13 @@ def features_predict(folder: Path, x) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- ftctl eval
-def run_eval(ecfg, cfg, manifest: dict, run: Path | None, console) -> dict:
-    """ftctl eval for a classifier: predict the split's labels, score, print, write eval/<name>.json."""
-    import torch
+def run_eval(ecfg, cfg, manifest: dict, run, console) -> dict:
+    """ftctl eval for a classifier (``run``: the opened run, ``ftctl.rundir.Run``, or None for model=DIR):
+    predict the split's labels, score, print, write eval/<name>.json."""
     from rich.table import Table
+
+    from ftctl.core.device import pick_device
+    from ftctl.rundir import load_folder
 
     from ftctl.models import load as models
     from ftctl.core.atomic import atomic_write_json, atomic_write_text
@@ -478,22 +481,23 @@ def run_eval(ecfg, cfg, manifest: dict, run: Path | None, console) -> dict:
     if n == 0:
         raise ConfigError(f"no {ecfg.split} rows to evaluate")
     examples, texts = split[:n], sd.prompts[:n]  # prompts: the texts of the kept rows, before any balancing
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     t0 = time.time()
     with console.status(f"classifying {n} {ecfg.split} rows"):
-        model = load_classifier(run, manifest, cfg, bundle.labels, device, tokenizer.pad_token_id,
-                                Path(ecfg.model) if ecfg.model else None)
-        if run is not None and (run / "classifier").is_dir():
-            how = json.loads((run / "classifier" / "classifier.json").read_text())["pooling"]
-            preds = features_predict(run / "classifier", embed(model, examples, tokenizer.pad_token_id, how,
-                                                               ecfg.batch_size))
+        model = run.load_model(device) if run is not None else \
+            load_folder(Path(ecfg.model), device, cfg.model, cfg.quant, head="classify",
+                        pad_id=tokenizer.pad_token_id, labels=bundle.labels)
+        if run is not None and run.classifier is not None:
+            how = json.loads((run.classifier / "classifier.json").read_text())["pooling"]
+            preds = features_predict(run.classifier, embed(model, examples, tokenizer.pad_token_id, how,
+                                                           ecfg.batch_size))
         else:
             preds, _ = predict(model, examples, tokenizer.pad_token_id, ecfg.batch_size)
     sc = scores([e["label"] for e in examples], preds, bundle.labels)
     want = {"accuracy": ("accuracy",), "precision": ("precision",), "recall": ("recall",), "f1": ("f1",)}
     shown = {k: v for k, v in flat(sc).items() if k.startswith(tuple(p for m in ecfg.metrics for p in want[m]))}
     label = "tuned" if run is not None else "model"
-    table = Table(title=f"{run or model_path} — {n} {ecfg.split} rows")
+    table = Table(title=f"{run.path if run is not None else model_path} — {n} {ecfg.split} rows")
     table.add_column("metric")
     table.add_column(label, justify="right")
     for k, v in shown.items():
@@ -507,9 +511,9 @@ def run_eval(ecfg, cfg, manifest: dict, run: Path | None, console) -> dict:
         cm.add_row(lab, *map(str, row))
     console.print(cm)
     name = ecfg.name or "_".join(ecfg.metrics)
-    where = (run / "eval") if run is not None else Path(ecfg.output or model_path / "eval")
+    where = (run.path / "eval") if run is not None else Path(ecfg.output or model_path / "eval")
     where.mkdir(parents=True, exist_ok=True)
-    report = {"run": str(run) if run is not None else None, "model": str(model_path), "rows": n,
+    report = {"run": str(run.path) if run is not None else None, "model": str(model_path), "rows": n,
               "metrics": list(ecfg.metrics), "results": {label: {**shown, "seconds": round(time.time() - t0, 1)}},
               "scores": sc, "settings": {"split": ecfg.split, "limit": ecfg.limit, "batch_size": ecfg.batch_size},
               "data": {"path": cfg.data.path, "task": "classify"}}
@@ -520,31 +524,6 @@ def run_eval(ecfg, cfg, manifest: dict, run: Path | None, console) -> dict:
     atomic_write_json(where / f"{name}.json", report)
     console.print(f"wrote {where / (name + '.json')} and {name}.predictions.jsonl", highlight=False)
     return report
-
-
-def load_classifier(run: Path | None, manifest: dict, cfg, labels: list[str], device, pad_id: int,
-                    folder: Path | None = None):
-    """A finished classify run's model: base + adapter (lora), its model/ folder (head, last_block, full),
-    or the base alone (features, whose logistic regression is in classifier/)."""
-    from ftctl.models import load as models
-    from ftctl.core.errors import RunDirError
-
-    def load(path):
-        return models.load_model(path, cfg.model, cfg.quant, device, head="classify", pad_id=pad_id,
-                                 labels=labels)
-
-    if run is None:
-        return load(folder)
-    if (run / "adapter").is_dir():
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(load(Path(manifest["model_path"])), run / "adapter").to(device)
-    if (run / "model").is_dir():
-        return load(run / "model").to(device)
-    if (run / "classifier").is_dir():
-        return load(Path(manifest["model_path"])).to(device)
-    raise RunDirError(f"{run}: no adapter/, model/ or classifier/ folder (did the run finish?)")
-
 
 
 # ----------------------------------------------------------------------------- the run
