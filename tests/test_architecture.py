@@ -161,3 +161,25 @@ def test_the_length_check_fails_on_a_long_function(tmp_path):
     body = "".join(f"    x{i} = {i}\n" for i in range(MAX_LINES))
     (root / "core" / "long.py").write_text(f"def too_long():\n{body}")
     assert sorted(set(long_functions(root)) - before) == [f"ftctl/core/long.py:1: too_long is {MAX_LINES + 1} lines"]
+
+
+def test_the_architecture_page_lists_every_module_and_layer():
+    """docs/architecture.md's module tree names every module of the package (and nothing that is gone), and
+    its layer table has the layers above, in order."""
+    page = (SRC.parents[1] / "docs" / "architecture.md").read_text()
+    tree = page.split("## Modules", 1)[1].split("```")[1]
+    listed, folder = set(), ""
+    for line in tree.splitlines():
+        if not line.strip():
+            continue
+        name = line.split()[0]
+        if name.endswith("/"):
+            folder = name
+        elif name.endswith(".py"):
+            listed.add((folder if line.startswith("  ") else "") + name)
+    actual = {str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
+              if p.name != "__init__.py" or p.parent == SRC or (p.parent.name in ("cli", "objectives", "tasks"))}
+    assert listed == actual, f"missing from the page: {sorted(actual - listed)}; gone: {sorted(listed - actual)}"
+    rows = [line.split("|")[2] for line in page.split("## Layers", 1)[1].split("##", 1)[0].splitlines()
+            if line.startswith("|") and line.split("|")[1].strip().isdigit()]
+    assert [tuple(x.strip(" `/").removesuffix(".py") for x in r.split(",")) for r in rows] == LAYERS
