@@ -9,8 +9,7 @@ import pytest
 import torch
 from conftest import compose, run_cli
 
-from ftctl.core.registry import ADAPTERS
-from ftctl.methods.spec import METHODS as SPECS, method_spec
+from ftctl.methods.spec import METHODS as SPECS, method_names, method_spec
 from ftctl.rundir import read_metrics
 from ftctl.train import loop as runner
 
@@ -56,9 +55,9 @@ def _logits(model, batch):
 
 def _train_with_spies(monkeypatch, overrides):
     """Run the real runner; keep the parameters as the method left them and the model the run saved. The wrap
-    is spied on whichever way the runner finds it: ADAPTERS.get(name) or method_spec(name).wrap."""
+    is spied on where the runner finds it: method_spec(name).wrap."""
     seen = {}
-    get, get_spec = ADAPTERS.get, SPECS.get
+    get_spec = SPECS.get
 
     def spy(fn):
         def wrapped(model, *a, **k):
@@ -67,9 +66,6 @@ def _train_with_spies(monkeypatch, overrides):
             seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
             return model
         return wrapped
-
-    def spy_get(name):
-        return spy(get(name))
 
     def spy_get_spec(name):
         spec = get_spec(name)
@@ -81,7 +77,6 @@ def _train_with_spies(monkeypatch, overrides):
         seen["model"] = model
         return save(model, tokenizer, out, is_adapter, *rest)
 
-    monkeypatch.setattr(ADAPTERS, "get", spy_get)
     monkeypatch.setattr(SPECS, "get", spy_get_spec)
     monkeypatch.setattr(runner, "save_final", spy_save)
     cfg, choices = compose(*overrides)
@@ -144,7 +139,7 @@ def test_lora_plus_gives_the_b_matrices_a_larger_learning_rate(tmp_path):
     from ftctl.models import load as models
 
     model = models.load_model(models.resolve(cfg.model.path), cfg.model, cfg.quant, torch.device("cpu"))
-    model = ADAPTERS.get("loraplus")(model, cfg.peft)
+    model = method_spec("loraplus").wrap(model, cfg.peft)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg.trainer, cfg.peft, model, params)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -250,12 +245,12 @@ def test_per_layer_patterns_and_layers_to_transform(tmp_path):
 
     cfg, _ = compose("model=tiny_llama", r"peft.target_modules='.*layers\.1\.self_attn\.(q|v)_proj'")
     model = models.load_model(models.resolve(cfg.model.path), cfg.model, cfg.quant, torch.device("cpu"))
-    model = ADAPTERS.get("lora")(model, cfg.peft)
+    model = method_spec("lora").wrap(model, cfg.peft)
     names = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert names == {"base_model.model.model.layers.1.self_attn.q_proj", "base_model.model.model.layers.1.self_attn.v_proj"}
     cfg, _ = compose("model=tiny_llama", "peft.layers_to_transform=[0]", "peft.target_modules=[o_proj]")
     model = models.load_model(models.resolve(cfg.model.path), cfg.model, cfg.quant, torch.device("cpu"))
-    model = ADAPTERS.get("lora")(model, cfg.peft)
+    model = method_spec("lora").wrap(model, cfg.peft)
     names = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert names == {"base_model.model.model.layers.0.self_attn.o_proj"}
 
@@ -271,7 +266,7 @@ def test_loftq_init_shrinks_each_layers_quantization_error():
     path = models.resolve(cfg.model.path)
     floats = load_file(str(path / "model.safetensors"))
     model = models.load_model(path, cfg.model, cfg.quant, torch.device("cpu"))
-    model = ADAPTERS.get("loftq")(model, cfg.peft, quantized=True, model_path=path)
+    model = method_spec("loftq").wrap(model, cfg.peft, quantized=True, model_path=path)
     n = 0
     for name, m in model.named_modules():
         if hasattr(m, "lora_A") and isinstance(m.base_layer, bnb.nn.Linear4bit):
@@ -288,7 +283,7 @@ def test_cli_methods_lists_every_method_with_its_config_file():
 
     r = run_cli("methods")
     assert r.returncode == 0, r.stderr
-    names = ADAPTERS.names()
+    names = method_names()
     assert len(names) == 22
     for name in names:
         assert (config_dir() / "peft" / f"{name}.yaml").is_file(), name

@@ -15,7 +15,7 @@ from conftest import compose
 
 from ftctl.core.errors import ConfigError
 from ftctl.core.paths import config_dir
-from ftctl.core.registry import ADAPTERS, QUANT
+from ftctl.core.registry import QUANT
 from ftctl.methods.peft import is_adapter
 from ftctl.methods.spec import (ANY_BASE, METHODS, adapter_spec, method_spec, peft_type_merges,
                                 spec_for_peft_type)
@@ -25,12 +25,12 @@ IDS = torch.tensor([[1, 5, 9, 22, 7, 3, 14, 2]])
 
 
 def test_every_method_has_one_spec_whose_traits_are_consistent():
-    assert NAMES == ADAPTERS.names() and len(NAMES) == 22
+    assert NAMES == sorted(METHODS.names()) and len(NAMES) == 22
     assert sorted(p.stem for p in (config_dir() / "peft").glob("*.yaml")) == NAMES
     assert sorted(ANY_BASE) == sorted(QUANT.names())
     for name in NAMES:
         spec = method_spec(name)
-        assert spec.name == name and spec.wrap is ADAPTERS.get(name) and spec.description, name
+        assert spec.name == name and spec.wrap is METHODS.get(name).wrap and spec.description, name
         assert set(spec.base_quant) <= set(ANY_BASE) and spec.base_quant, name
         assert bool(spec.quant_reason) == (set(spec.base_quant) != set(ANY_BASE)), name
         if not spec.adapter:  # the adapter's own traits

@@ -14,13 +14,13 @@ from ftctl.experiments.plan import PlanConfig
 def test_plan_counts_parameters_like_the_real_adapted_model(method):
     from ftctl.methods import peft as adapters
     from ftctl.models import load as models
-    from ftctl.core.registry import ADAPTERS
+    from ftctl.methods.spec import method_spec
 
     cfg, _ = compose("model=tiny_llama", f"peft={method}")
     est = plan.estimate(cfg, PlanConfig(device="cpu"))
     path = models.resolve(cfg.model.path)
     real = models.load_model(path, cfg.model, cfg.quant, torch.device("cpu"))
-    real = ADAPTERS.get(method)(real, cfg.peft, quantized=False, gradient_checkpointing=False, steps=10, model_path=path)
+    real = method_spec(method).wrap(real, cfg.peft, quantized=False, gradient_checkpointing=False, steps=10, model_path=path)
     rep = adapters.parameter_report(real)
     assert (est["total_params"], est["trainable_params"]) == (rep["total_params"], rep["trainable_params"])
     # full: weights, gradients and two AdamW states, all float32
@@ -56,7 +56,7 @@ def test_plan_activation_estimate_matches_autograd_saved_tensors(mode):
     against plan's per-layer formula (the difference of a 3-layer and a 1-layer model: per layer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ftctl.core.registry import ADAPTERS
+    from ftctl.methods.spec import method_spec
 
     method = "full" if mode == "full" else "lora"
     cfg, _ = compose("model=tiny_llama", f"peft={method}", f"peft.dropout={0.1 if mode == 'lora_dropout' else 0.0}",
@@ -68,7 +68,7 @@ def test_plan_activation_estimate_matches_autograd_saved_tensors(mode):
         mconf = LlamaConfig(hidden_size=96, intermediate_size=320, num_hidden_layers=layers, num_attention_heads=6,
                             num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
         model = LlamaForCausalLM(mconf)
-        model = ADAPTERS.get(method)(model, cfg.peft, quantized=False,
+        model = method_spec(method).wrap(model, cfg.peft, quantized=False,
                                      gradient_checkpointing=cfg.trainer.gradient_checkpointing, steps=1)
         model.train()
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}

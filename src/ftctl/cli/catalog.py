@@ -32,14 +32,13 @@ def run_methods(_, debug: bool) -> int:
     from rich.table import Table
 
     from ftctl.core.console import make_console
-    from ftctl.core.registry import ADAPTERS
-    from ftctl.methods.peft import describe
+    from ftctl.methods.spec import method_names, method_spec
 
     table = Table(show_header=True, header_style="bold")
     table.add_column("peft=")
     table.add_column("what it trains")
-    for name in ADAPTERS.names():
-        table.add_row(name, describe(name))
+    for name in method_names():
+        table.add_row(name, method_spec(name).description)
     make_console().print(table)
     return 0
 

@@ -57,7 +57,7 @@ _TABLE = (
            "weight the loss", ("none", "oversample", "undersample", "class_weights")),
     Choice("template.name", "how a row becomes a prompt and a target (configs/template/)", registry="TEMPLATES"),
     Choice("template.style", "preference pairs: text as is, or rendered with the chat template", ("plain", "chat")),
-    Choice("peft.method", "the adaptation method (configs/peft/; ftctl methods describes each)", registry="ADAPTERS"),
+    Choice("peft.method", "the adaptation method (configs/peft/; ftctl methods describes each)", registry="METHODS"),
     Choice("peft.prompt_init", "prompt_tuning: the virtual tokens' initial embeddings",
            ("sample_vocab", "random", "text")),
     Choice("quant.method", "the base model's quantization while training (configs/quant/)", registry="QUANT"),

@@ -40,7 +40,7 @@ class Registry:
             raise ConfigError(f"{self.key}={name!r} is not known; choose one of: {', '.join(self.names())}") from None
 
 
-ADAPTERS = Registry("peft.method", "ftctl.methods.peft")
+METHODS = Registry("peft.method", "ftctl.methods.peft")  # name -> methods.spec.MethodSpec
 QUANT = Registry("quant.method", "ftctl.models.load")
 TEMPLATES = Registry("template.name", "ftctl.data.templates")
 DATASETS = Registry("data.path=builtin:", "ftctl.data.builtin")

@@ -40,6 +40,7 @@ from typing import Optional
 
 from ftctl.config.choices import STRATEGIES  # distributed.strategy
 from ftctl.core.errors import ConfigError, RunDirError
+from ftctl.methods.spec import method_spec
 
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -57,8 +58,6 @@ KNOWN_CONFIGS = {
 }
 KNOWN_CONFIGS["meta-llama/Llama-3.1-8B"] = KNOWN_CONFIGS["meta-llama/Llama-3.1-8B-Instruct"]
 
-# with weights frozen, a PEFT method's adapted activations; prompt methods and (IA)^3 keep about as much
-FROZEN_BASE = {"full": False, "freeze": False}
 
 
 @dataclass
@@ -101,18 +100,16 @@ def meta_model(cfg, mconf, quantized: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftctl.core.registry import ADAPTERS
-
     dtype = _load_dtype(cfg, mconf)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(mconf, dtype=dtype)
         method = cfg.peft.method
         # these initialise from the weights (SVD, quantization error); their shapes are LoRA's
-        applied = "lora" if method in ("pissa", "olora", "loftq") else method
+        applied = method_spec(method).shapes_as or method
         from omegaconf import OmegaConf
 
         peft_cfg = OmegaConf.merge(cfg.peft, {"method": applied, "prompt_init": "random"})
-        fn = ADAPTERS.get(applied)
+        fn = method_spec(applied).wrap
         model = fn(model, peft_cfg, quantized=False, gradient_checkpointing=False, steps=max(1, cfg.trainer.max_steps),
                    model_path=None)
     return model, applied
@@ -142,9 +139,9 @@ _DEVICE = {"type": None}
 def _device_type(cfg) -> str:
     if _DEVICE["type"]:
         return _DEVICE["type"]
-    import torch
+    from ftctl.core.device import pick_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return pick_device().type
 
 
 def _linear_names(model) -> set:
@@ -225,11 +222,10 @@ def _adapted_linears_per_layer(model) -> tuple[int, float]:
 
 def targets_only_logits(cfg, mconf, method: str, strategy: str) -> bool:
     """Whether the run computes logits at the target positions only (train/objectives.py)."""
-    from ftctl.methods.peft import PROMPT_METHODS
     from ftctl.objectives.losses import targets_only_model_config
 
     return (str(cfg.trainer.get("logits", "all")) == "targets" and cfg.objective == "sft" and strategy == "single"
-            and method not in (*PROMPT_METHODS, "adalora") and targets_only_model_config(mconf))
+            and method_spec(method).targets_only and targets_only_model_config(mconf))
 
 
 def activation_bytes(cfg, mconf, model, method: str, tokens: int, seq_len: int, act_bytes: int,
@@ -238,7 +234,8 @@ def activation_bytes(cfg, mconf, model, method: str, tokens: int, seq_len: int, 
     d = _dims(mconf)
     h, i, kv, L = d["h"], d["i"], d["kv"], d["layers"]
     n_adapted, rank = _adapted_linears_per_layer(model)
-    frozen = FROZEN_BASE.get(method, True)
+    # with weights frozen (every method but full and freeze), a PEFT method's adapted activations
+    frozen = not method_spec(method).trains_base_weights
     if not frozen:
         per_layer = 8 * h + 4 * i + 2 * kv
     else:
@@ -337,7 +334,7 @@ def estimate(cfg, pcfg: PlanConfig) -> dict:
     peak = sum(v for k, v in dev.items() if k != "cpu_offload")
     # FLOPs per token: forward 2N, backward 4N (full) or 2N (inputs only, frozen base), adapters 6x theirs
     n_dense = n_total - (d["vocab"] * d["h"] if not getattr(mconf, "tie_word_embeddings", False) else 0)
-    frozen = FROZEN_BASE.get(applied, True)
+    frozen = not method_spec(applied).trains_base_weights
     flops_tok = (4 * n_dense + 6 * n_train) if frozen else 6 * n_dense
     flops_tok += 12 * d["layers"] * seq * d["h"]
     steps = int(cfg.trainer.max_steps) if cfg.trainer.max_steps > 0 else None

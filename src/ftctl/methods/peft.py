@@ -18,7 +18,7 @@ import tempfile
 from omegaconf import OmegaConf
 
 from ftctl.core.errors import ConfigError
-from ftctl.methods.spec import FLOAT_BASE, FOUR_BIT_BASE, adapter_spec, method, method_spec
+from ftctl.methods.spec import FLOAT_BASE, FOUR_BIT_BASE, method
 
 # the traits every LoRA-shaped method shares: a LORA adapter that folds into the base weights
 LORA = {"peft_type": "LORA", "merges": True}
@@ -453,14 +453,6 @@ def is_adapter(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def after_step(model, step: int) -> None:
-    """Per-step work a method needs after the optimizer step: the step_hook of the adapter on ``model``
-    (AdaLoRA's rank allocation; needs the gradients). Nothing for other methods."""
-    spec = adapter_spec(model)
-    if spec is not None and spec.step_hook is not None:
-        spec.step_hook(model, step)
-
-
 def save_adapter(model, folder, **kwargs) -> None:
     """Save a peft model's adapter; PiSSA/OLoRA adapters are converted to plain LoRA against the original base.
     ``kwargs`` go to peft's save_pretrained (state_dict=: weights gathered from sharded processes)."""
@@ -495,8 +487,3 @@ def parameter_report(model) -> dict:
     modules = [{"pattern": k, "tensors": v[0], "params": v[1]} for k, v in groups.items()]
     return {"trainable_params": trainable, "total_params": total,
             "trainable_percent": round(100 * trainable / max(total, 1), 4), "trainable_modules": modules}
-
-
-def describe(name: str) -> str:
-    """The one-line description of a method (its function's docstring)."""
-    return method_spec(name).description

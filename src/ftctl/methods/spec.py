@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ftctl.core.errors import ConfigError
-from ftctl.core.registry import ADAPTERS, Registry
+from ftctl.core.registry import METHODS
 
 # the quant.method values (ftctl.models.load's QUANT registry; tests/test_method_specs.py checks they agree)
 ANY_BASE = ("none", "nf4", "fp4", "int8")
@@ -87,14 +87,12 @@ class MethodSpec:
             raise ConfigError(f"peft.method={self.name} {self.quant_reason or 'cannot train over quant=' + quant}")
 
 
-# name -> MethodSpec; filled on first lookup by importing the module whose functions carry @method
-METHODS = Registry("peft.method", "ftctl.methods.peft")
 
 
 def method(name: str, **traits) -> Callable:
     """Register the decorated wrap function as ``peft.method=name`` with these MethodSpec traits. The function
     registered (and returned) first refuses a quantized base the spec does not allow, so no method repeats
-    that check. ``ftctl.core.registry.ADAPTERS`` gets the same function (name -> wrap, for older callers)."""
+    that check. The registry (``ftctl.core.registry.METHODS``) fills on first lookup by importing methods/peft.py."""
     def deco(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrap(model, peft_cfg, quantized=False, *args, **kwargs):
@@ -103,7 +101,6 @@ def method(name: str, **traits) -> Callable:
 
         spec = MethodSpec(name=name, wrap=wrap, description=((fn.__doc__ or "").strip().splitlines() or [""])[0], **traits)
         METHODS.register(name)(spec)
-        ADAPTERS.register(name)(wrap)
         return wrap
 
     return deco

@@ -1,4 +1,5 @@
-"""Training objectives: what one micro-batch costs, and what is logged about it.
+"""The math the objectives share: preference losses, sequence log-probabilities, pair batches and their
+statistics, and SFT's loss with logits at the target positions only. Pure functions of tensors.
 
 ``sft`` is the next-token loss on the template's targets. ``dpo`` covers the preference losses of the
 DPO family, on the log-probabilities of each pair's chosen and rejected answers (summed over the answer's
@@ -154,8 +155,6 @@ class StepStats:
 # scaling or soft-capping between the two (Gemma 2, Granite, Cohere have some and keep the full forward)
 TARGETS_ONLY_MODELS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3")
 TARGET_CHUNK = 1024  # target positions per chunk of the output head: at most [1024, vocab] logits at once
-# peft methods whose model-level forward adds to the loss (AdaLoRA's orthogonal regularisation): they keep it
-OWN_FORWARD_PEFT = ("ADALORA",)
 
 
 def targets_only_model_config(config) -> bool:
@@ -171,8 +170,11 @@ def targets_only_parts(model):
     alone; None where the model's own forward must run (prompt-learning adapters, other heads)."""
     lm = model
     if hasattr(lm, "peft_config") and hasattr(lm, "get_base_model"):
-        peft_cfg = getattr(lm, "active_peft_config", None)
-        if peft_cfg is None or peft_cfg.is_prompt_learning or str(peft_cfg.peft_type).split(".")[-1] in OWN_FORWARD_PEFT:
+        from ftctl.methods.spec import adapter_spec
+
+        peft_cfg, spec = getattr(lm, "active_peft_config", None), adapter_spec(lm)
+        # the method's traits: virtual tokens, or a loss term added by the forward (AdaLoRA's), keep the model's own
+        if peft_cfg is None or peft_cfg.is_prompt_learning or (spec is not None and not spec.targets_only):
             return None
         lm = lm.get_base_model()
     if not targets_only_model_config(getattr(lm, "config", None)):

@@ -11,13 +11,11 @@ from typing import Optional
 from ftctl.core.atomic import atomic_write_json, replace_folder
 from ftctl.core.device import pick_device
 from ftctl.core.errors import ConfigError, FtctlError, RunDirError
+from ftctl.methods.spec import peft_type_merges
 from ftctl.rundir import open_run
 
 # largest |logit difference| accepted between the merged model and base + adapter, by dtype
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
-# peft methods whose weights fold into the base's (soft prompts and the adaption prompt do not)
-MERGEABLE = {"LORA", "LOHA", "LOKR", "IA3", "ADALORA", "OFT", "BOFT", "VERA", "HRA", "BONE", "FOURIERFT", "SHIRA",
-             "C3A", "MISS", "ROAD", "RANDLORA", "DELORA", "GRALORA", "WAVEFT"}
 
 
 @dataclass
@@ -47,7 +45,7 @@ def _open(mcfg: MergeConfig):
     if not (adapter / "adapter_config.json").is_file():
         raise RunDirError(f"run={run.path}: no adapter/adapter_config.json (did the run finish?)")
     peft_type = json.loads((adapter / "adapter_config.json").read_text()).get("peft_type", "?")
-    if peft_type not in MERGEABLE:
+    if not peft_type_merges(peft_type):
         raise ConfigError(f"{peft_type.lower()} adapters cannot be merged: their trained parameters are extra inputs "
                           "(virtual tokens or prompts), not changes to the base weights; use the run's adapter as is")
     out = Path(mcfg.output) if mcfg.output else run.path / "merged"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ftctl.core.errors import ConfigError
-from ftctl.core.registry import ADAPTERS
+from ftctl.methods.spec import method_spec
 from ftctl.rundir import adapter_folder
 from ftctl.tasks.base import Task
 
@@ -33,5 +33,5 @@ class CausalTask(Task):
         # a reward model's adapter also trains its new scalar head (peft's SEQ_CLS task saves "score")
         task_type = "SEQ_CLS" if self.head(cfg) == "score" else self.peft_task_type
         extra = {"task_type": task_type} if task_type else {}
-        return ADAPTERS.get(cfg.peft.method)(model, cfg.peft, quantized=quantized, gradient_checkpointing=gc,
+        return method_spec(cfg.peft.method).wrap(model, cfg.peft, quantized=quantized, gradient_checkpointing=gc,
                                              steps=steps, model_path=model_path, **extra)

@@ -1,7 +1,7 @@
 """trainer.optimizer -> an optimizer over the trainable parameters, from torch, bitsandbytes or transformers.
 
-Weight decay applies to matrices only (not to biases, norms or vectors); LoRA+ (peft.method=loraplus)
-gets its learning-rate groups from peft's own ``create_loraplus_optimizer``.
+Weight decay applies to matrices only (not to biases, norms or vectors). A method whose spec brings its own
+optimizer (LoRA+, with peft's ``create_loraplus_optimizer``) makes it instead.
 """
 from __future__ import annotations
 
@@ -26,13 +26,12 @@ def optimizer_class(name: str):
 
 
 def make_optimizer(trainer_cfg, peft_cfg, model, params):
-    cls, kwargs = optimizer_class(trainer_cfg.optimizer)
-    if peft_cfg.method == "loraplus":
-        from peft.optimizers import create_loraplus_optimizer
+    from ftctl.methods.spec import method_spec
 
-        return create_loraplus_optimizer(model, optimizer_cls=cls, lr=trainer_cfg.lr,
-                                         loraplus_lr_ratio=peft_cfg.loraplus_lr_ratio,
-                                         weight_decay=trainer_cfg.weight_decay, **kwargs)
+    cls, kwargs = optimizer_class(trainer_cfg.optimizer)
+    own = method_spec(peft_cfg.method).optimizer
+    if own is not None:
+        return own(model, cls, trainer_cfg, peft_cfg, **kwargs)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     return cls([{"params": decay, "weight_decay": trainer_cfg.weight_decay},
