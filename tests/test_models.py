@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from conftest import run_cli
+from conftest import compose, run_cli
 
 from ftctl.models import load as models
 from ftctl.core.errors import ModelNotFoundError
@@ -72,3 +72,54 @@ def test_pickled_weights_are_not_loaded(tmp_path, tiny_model_path):
     (d / "pytorch_model.bin").write_bytes(b"pickled weights")
     with pytest.raises(ModelNotFoundError, match=r"no \.safetensors weights .* does not load pickled"):
         models.resolve(str(d))
+
+
+def _lora_grads_before_and_after_an_eval_forward(tiny_model_path, keep: bool):
+    import torch
+    from omegaconf import OmegaConf
+
+    from ftctl.methods.spec import method_spec
+    from ftctl.models.load import keep_training_layout, load_model
+
+    cfg = compose("model=tiny_llama", "quant=nf4", "peft=lora")[0]
+    model = load_model(tiny_model_path, cfg.model, cfg.quant, torch.device("cpu"))
+    if keep:
+        assert keep_training_layout(model) > 0  # the 4-bit linear layers
+    model = method_spec("lora").wrap(model, OmegaConf.merge(cfg.peft, {"dropout": 0.0}), quantized=True)
+    torch.manual_seed(0)
+    for p in model.parameters():  # B = 0 at init: give every adapter a non-zero path
+        if p.requires_grad:
+            p.data.normal_(0, 0.02)
+    ids = torch.randint(0, 100, (2, 12))
+
+    def grads():
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # a validation pass
+    return before, grads()
+
+
+def test_a_4bit_base_passes_the_same_gradients_after_a_validation_pass(tiny_model_path):
+    """bitsandbytes repacks 4-bit weights for CPU inference at the first eval-mode forward (on CPUs with
+    AVX512-BF16), and the repacked weights pass no gradient back; a training model keeps its layout."""
+    import torch
+
+    before, after = _lora_grads_before_and_after_an_eval_forward(tiny_model_path, keep=True)
+    assert before.keys() == after.keys() and len(before) > 4
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_without_keeping_the_layout_the_gradients_change_where_bitsandbytes_repacks(tiny_model_path):
+    import torch
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack, there is nothing to keep")
+    before, after = _lora_grads_before_and_after_an_eval_forward(tiny_model_path, keep=False)
+    assert not all(torch.equal(before[n], after[n]) for n in before)

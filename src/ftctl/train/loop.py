@@ -30,6 +30,7 @@ from ftctl.core.errors import ConfigError, NonFiniteError, Preempted
 from ftctl.core.progress import TrainProgress
 from ftctl.data.batches import batch_indices, row_lengths, total_steps
 from ftctl.methods import peft
+from ftctl.methods.spec import adapter_spec
 from ftctl.objectives.losses import StepStats
 from ftctl.objectives.spec import BuildContext, objective_spec
 from ftctl.rundir import Metrics, adapter_folder, default_output_dir, git_commit, library_versions, prepare_output_dir
@@ -177,6 +178,7 @@ class Run:
     model: Any = None
     base_bytes: int = 0             # the loaded base model's memory footprint
     is_adapter: bool = False
+    step_hook: Any = None           # the adaptation method's work after each update (AdaLoRA's rank budget)
     params_report: dict = field(default_factory=dict)
     steps: int = 0
     lengths: tuple | None = None
@@ -309,13 +311,14 @@ def _announce(run: Run) -> None:
 
 def load_model(run: Run) -> None:
     """The model with the task's head, wrapped by the adaptation method, then by the engine."""
-    from ftctl.models.load import load_model as load
+    from ftctl.models.load import keep_training_layout, load_model as load
 
     cfg, engine = run.cfg, run.engine
     quantized = cfg.quant.method != "none"
     model = load(run.model_path, cfg.model, cfg.quant, engine.device, head=run.task.head(cfg),
                  pad_id=run.tokenizer.pad_token_id, labels=run.task.labels(run.bundle))
     run.base_bytes = model.get_memory_footprint()
+    keep_training_layout(model)
     run.lengths = row_lengths(cfg, run.bundle.train.examples)
     run.steps = total_steps(cfg.trainer, run.n_rows)
     model = run.task.adapt(model, cfg, quantized=quantized, steps=run.steps, model_path=run.model_path)
@@ -323,6 +326,8 @@ def load_model(run: Run) -> None:
         run.model = model
         return
     run.is_adapter = peft.is_adapter(model)
+    spec = adapter_spec(model)
+    run.step_hook = spec.step_hook if spec is not None else None
     run.params_report = peft.parameter_report(model)
     if run.params_report["trainable_params"] == 0:
         raise ConfigError(f"peft.method={cfg.peft.method} left no trainable parameters (check peft.target_modules)")
@@ -530,7 +535,8 @@ def _update(run: Run, step: int, step_loss: float):
     if math.isfinite(step_loss) and grads_ok:
         engine_norm = engine.optimizer_step(model, run.optimizer)  # DeepSpeed measures it in its step
         grad_norm = grad_norm if engine_norm is None else engine_norm
-        peft.after_step(engine.unwrap(model), done)  # AdaLoRA's rank budget
+        if run.step_hook is not None:
+            run.step_hook(engine.unwrap(model), done)
     elif tc.on_nan == "stop":
         rows = [i for j in range(tc.grad_accum) for i in run.rows(step * tc.grad_accum + j)]
         raise NonFiniteError(
