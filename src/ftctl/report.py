@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from ftctl.core.errors import RunDirError
-from ftctl.core.atomic import atomic_write_text
+from ftctl.core.atomic import atomic_file, atomic_write_text
 from ftctl.rundir import read_manifest, read_metrics
 
 log = logging.getLogger("ftctl")
@@ -327,13 +326,7 @@ def _eval_figure(evals):
 
 
 def save_figure(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_file(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _png(fig) -> bytes:

@@ -22,15 +22,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_file(path: Path, write) -> Path:
+    """``write(tmp)`` writes a temporary sibling of ``path`` (any writer: text, torch.save, savefig), which is
+    then synced and renamed over ``path``; a failure leaves ``path`` as it was and no temporary file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_file(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -75,4 +85,5 @@ def replace_folder(target: Path, build) -> Path:
     if target.exists():
         shutil.rmtree(target)
     os.rename(tmp, target)
+    fsync_dir(target.parent)
     return target

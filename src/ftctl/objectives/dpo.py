@@ -14,12 +14,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ftctl.core.atomic import atomic_file
 from ftctl.core.errors import ConfigError
 from ftctl.methods.peft import is_adapter
 from ftctl.objectives.losses import REFERENCE_FREE, Preference, preference_losses, sequence_logps
@@ -135,9 +135,7 @@ def precompute_reference(cfg, model, objective, bundle, model_path, steps: int, 
             examples[i]["ref_chosen"], examples[i]["ref_rejected"] = have[i]
         if missing and cfg.data.cache:  # saved per split: an interrupted run keeps what it computed
             f.parent.mkdir(parents=True, exist_ok=True)
-            tmp = f.with_suffix(f".tmp-{os.getpid()}")
-            torch.save(cached, tmp)
-            os.replace(tmp, f)
+            atomic_file(f, lambda tmp: torch.save(cached, tmp))
 
 
 def _identity_at_start(model, objective, examples) -> bool:
