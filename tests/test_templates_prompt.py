@@ -93,7 +93,7 @@ def test_generate_on_a_plain_preference_run_sends_the_plain_text(tmp_path, monke
         seen.update(texts=list(texts), add_special_tokens=kwargs.get("add_special_tokens"))
         return ["" for _ in texts]
 
-    monkeypatch.setattr("ftctl.evaluate.generate.generate", spy)
+    monkeypatch.setattr("ftctl.post.chat.generate", spy)
     from ftctl.post.chat import GenerateConfig, generate_cmd
 
     prompt = "Write May 5, 2020 as YYYY-MM-DD.\n"

@@ -25,8 +25,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
-from ftctl.core.errors import RunDirError
+from ftctl import __version__
 from ftctl.core.atomic import atomic_file, atomic_write_text
+from ftctl.core.errors import ConfigError, RunDirError
 from ftctl.rundir import read_manifest, read_metrics
 
 log = logging.getLogger("ftctl")
@@ -468,7 +469,6 @@ def _img(png: bytes, alt: str) -> str:
 
 def _page(title: str, body: str) -> str:
     stamp = datetime.now().strftime("%Y-%m-%d %H:%M")
-    from ftctl import __version__
 
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
@@ -833,7 +833,6 @@ def sweep_report_html(folder: Path, trial_dirs: list[Path]) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------- the command
 def report(rcfg: ReportConfig, console=None) -> Path:
     """``ftctl report run=DIR``: plots/ and report.html for a run directory or a sweep folder."""
-    from ftctl.core.errors import ConfigError
 
     if not rcfg.run:
         raise ConfigError("ftctl report needs run=<run directory or sweep folder>")

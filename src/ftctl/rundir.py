@@ -26,8 +26,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ftctl.core.errors import ConfigError, RunDirError
 from ftctl.core.atomic import atomic_write_text
+from ftctl.core.errors import ConfigError, RunDirError
+from ftctl.models import load as models
 
 # everything ftctl writes at the top of a run directory; overwrite=true removes only these
 RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl", "train.log", "checkpoints", "adapter", "model", "eval",
@@ -83,7 +84,6 @@ def load_folder(folder, device, model_cfg=None, quant_cfg=None, *, head: str = "
                 labels=None):
     """A model folder (a base, a run's model/, or one from ftctl merge or quantize) on ``device``:
     ``ftctl.models.load.load_model`` with the given model and quant sections (default: ``bare_config()``)."""
-    from ftctl.models import load as models
 
     bare = bare_config()
     model = models.load_model(Path(folder), model_cfg if model_cfg is not None else bare.model,
@@ -144,7 +144,6 @@ class Run:
     def tokenizer(self):
         """The base model's tokenizer (the run trained with it; adapter/ and model/ hold copies)."""
         if self._tokenizer is None:
-            from ftctl.models import load as models
 
             self._tokenizer = models.load_tokenizer(self.base_path)
         return self._tokenizer

@@ -4,8 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ftctl.cli.args import (Command, ShowUsage, UsageError, compose_overrides, help_requested, options, own_keys,
-                            subcommand)
+from ftctl.cli.args import (
+    Command,
+    ShowUsage,
+    UsageError,
+    compose_overrides,
+    help_requested,
+    options,
+    own_keys,
+    subcommand,
+)
 from ftctl.core.errors import ConfigError
 
 

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from ftctl.config.choices import DEEPSPEED, SHARDED, TRACKERS, allowed
-from ftctl.core.registry import OBJECTIVES
 from ftctl.core.errors import ConfigError
+from ftctl.core.registry import OBJECTIVES
 
 __all__ = ["DEEPSPEED", "PACKAGES", "SHARDED", "check_distributed", "check_logging", "mlflow_uri", "names",
            "world_size"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ftctl.core import registry
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -101,7 +103,6 @@ def allowed(key: str) -> tuple[str, ...]:
     c = CHOICES[key]
     if c.registry is None:
         return c.values
-    from ftctl.core import registry
 
     return tuple(getattr(registry, c.registry).names()) + c.extra
 

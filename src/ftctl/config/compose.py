@@ -19,11 +19,10 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, open_dict
 
-from ftctl.core.errors import ConfigError
-from ftctl.core.paths import config_dir, recipes_dir
 from ftctl.config.schema import GROUPS, TrainConfig, register_schemas
 from ftctl.config.validate import locate, validate
-
+from ftctl.core.errors import ConfigError
+from ftctl.core.paths import config_dir, recipes_dir
 
 # ----------------------------------------------------------------------------- recipes
 _search_roots: dict[str, str] = {}

@@ -3,9 +3,11 @@ misspelt key or a value of the wrong type stops composition. A key that takes a 
 ftctl.config.choices (CHOICES), which validate checks against; every such key's default is one of them
 (tests/test_config.py)."""
 from __future__ import annotations
-from typing import Any, Dict, List, Optional
-from omegaconf import MISSING
+
 from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
 
 
 # ----------------------------------------------------------------------------- schema

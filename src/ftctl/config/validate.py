@@ -3,10 +3,15 @@ the value, what is allowed, and the recipe file and line where the key was set."
 from __future__ import annotations
 
 import re
-from ftctl.core.errors import ConfigError
-from omegaconf import DictConfig, OmegaConf
-from ftctl.config.choices import CHOICES, allowed
 from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ftctl.config.checks import check_distributed, check_logging
+from ftctl.config.choices import CHOICES, allowed
+from ftctl.core.errors import ConfigError
+from ftctl.data import jinja
+from ftctl.methods.spec import method_spec
 
 
 def locate(key: str, files: list[Path]) -> str:
@@ -99,7 +104,6 @@ def _refuse_targets(node, where: str, files) -> None:
 
 
 def _check_peft(cfg: DictConfig, files) -> None:
-    from ftctl.methods.spec import method_spec
 
     spec = method_spec(cfg.peft.method)
     if not cfg.model.adapter and cfg.get("task", "generate") != "classify":  # else peft.method wraps nothing
@@ -140,7 +144,6 @@ def _check_template(cfg: DictConfig, files) -> None:
     if cfg.template.name == "flan" and not cfg.template.phrasings:
         raise ConfigError("template=flan needs template.phrasings (choose template=flan_summarize, flan_classify "
                           "or flan_qa, or give your own)")
-    from ftctl.data import jinja
 
     for i, phrasing in enumerate(cfg.template.phrasings):
         where = f"{locate('phrasings', files)}template.phrasings[{i}]"
@@ -176,7 +179,6 @@ def _check_ranges(cfg: DictConfig, files) -> None:
 def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
     """Allowed values (the table in ftctl.config.choices), combinations and ranges: the first problem as one
     ConfigError line naming the key, the value and the recipe file:line that set it."""
-    from ftctl.config.checks import check_distributed, check_logging
 
     files = list(files)
     _refuse_targets(OmegaConf.to_container(cfg, resolve=False), "", files)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from ftctl.core.errors import ModelNotFoundError
 from pathlib import Path
+
+from ftctl.core.errors import ModelNotFoundError
 
 
 def fsync_dir(path: Path) -> None:

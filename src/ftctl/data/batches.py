@@ -6,7 +6,6 @@ import functools
 import math
 import random
 
-
 GROUP = 50  # length grouping: rows are sorted by length within windows of GROUP batches (as HF's group_by_length)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ftctl.core.errors import DataError
+from ftctl.core.errors import ConfigError, DataError
 
 
 @lru_cache(maxsize=64)
@@ -25,7 +25,6 @@ def check(source: str, where: str) -> None:
     try:
         _compile(source)
     except DataError as e:
-        from ftctl.core.errors import ConfigError
 
         raise ConfigError(f"{where}: {e.message}") from None
 

@@ -19,8 +19,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ftctl.core.errors import DataError
+from ftctl.core.atomic import atomic_folder
+from ftctl.core.errors import DataError, ModelNotFoundError
+from ftctl.core.paths import cache_dir
 from ftctl.core.registry import TEMPLATES
+from ftctl.data.sources import read_source, source_fingerprint
 from ftctl.data.templates import Context, Pair
 from ftctl.data.tokenize import IGNORE_INDEX, encode, encode_seq2seq, n_trained, pack, packed_row
 
@@ -91,7 +94,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _cache_root() -> Path:
-    from ftctl.core.paths import cache_dir
 
     return cache_dir() / "data"
 
@@ -187,7 +189,6 @@ def _where(spec: str) -> str:
 def _cache_key(spec: str, key: str, split: str | None, data_cfg, tcfg: dict, tokenizer, seed: int,
                limit: int | None, tok_fp: str | None, subset: str | None, seq2seq: bool) -> tuple[dict, str]:
     """(what the tokenized table depends on, its digest): the cache entry's name and its ftctl-done record."""
-    from ftctl.data.sources import source_fingerprint
 
     uses_seed = tcfg.get("name") == "flan"
     parts = {
@@ -273,8 +274,6 @@ def tokenize_source(spec: str, key: str, split: str | None, data_cfg, template_c
     row (bad ones marked), and whether it came from the cache."""
     import datasets
 
-    from ftctl.data.sources import read_source
-
     tcfg = OmegaConf.to_container(template_cfg, resolve=True) if OmegaConf.is_config(template_cfg) else dict(template_cfg)
     parts, digest = _cache_key(spec, key, split, data_cfg, tcfg, tokenizer, seed, limit, tok_fp, subset, seq2seq)
     folder = _cache_root() / digest
@@ -307,8 +306,6 @@ def _save(table, folder: Path, parts: dict) -> None:
     they were made from) into a temporary folder, renamed into place. A finished entry written meanwhile by
     another process is kept; an unfinished one (no marker) is replaced. A failure (a full disk, a read-only
     cache) is a warning: it costs speed next time, not this run."""
-    from ftctl.core.atomic import atomic_folder
-    from ftctl.core.errors import ModelNotFoundError
 
     def build(tmp: Path) -> None:
         table.save_to_disk(str(tmp))

@@ -15,11 +15,20 @@ from typing import Any, Callable, List, Optional
 
 from omegaconf import OmegaConf
 
+from ftctl.config.compose import compose
 from ftctl.core.atomic import atomic_write_json, atomic_write_text
 from ftctl.core.device import pick_device
 from ftctl.core.errors import ConfigError
+from ftctl.core.registry import METRICS
+from ftctl.data import pipeline
+from ftctl.data.templates import from_config
+from ftctl.data.tokenize import collate
+from ftctl.evaluate.embed import nearest
+from ftctl.evaluate.generate import generate
+from ftctl.models import load as models
+from ftctl.objectives.losses import pair_collate, pair_credit, sequence_logps
 from ftctl.rundir import Run, load_folder, open_run
-
+from ftctl.tasks.classify import run_eval as classify_eval
 
 # metrics computed from the model's scores of the reference answers, not from generated text
 MODEL_METRICS = ("perplexity", "reward_accuracy")
@@ -49,7 +58,6 @@ class EvalConfig:
 
 
 def _check(ecfg: EvalConfig) -> None:
-    from ftctl.core.registry import METRICS
 
     if not ecfg.run and not ecfg.model:
         raise ConfigError("ftctl eval needs run=<run directory> or model=<model folder>")
@@ -93,7 +101,6 @@ def _config(ecfg: EvalConfig, overrides: list[str]):
         if overrides:
             run.config = OmegaConf.merge(run.config, OmegaConf.from_dotlist(overrides))
         return run.config, run.manifest, run
-    from ftctl.config.compose import compose
 
     folder = Path(ecfg.model).expanduser()
     if not (folder / "config.json").is_file():
@@ -113,7 +120,6 @@ def _shots(ecfg, train, prompts: list[str], console) -> list[str]:
         rng = random.Random(ecfg.seed)
         picks = [rng.sample(range(len(pool)), ecfg.shots) for _ in prompts]
     else:
-        from ftctl.evaluate.embed import nearest
 
         with console.status(f"embedding {len(pool)} training prompts to pick similar examples"):
             picks = nearest([p for p, _ in pool], prompts, ecfg.shots)
@@ -128,8 +134,6 @@ def _shots(ecfg, train, prompts: list[str], console) -> list[str]:
 def perplexity(model, examples: list[dict], pad_id: int, batch_size: int) -> tuple[float, list[float]]:
     """exp(mean negative log-likelihood) of the trained tokens (the completions), over the split and per row."""
     import torch
-
-    from ftctl.data.tokenize import collate
 
     device = next(model.parameters()).device
     model.eval()
@@ -156,8 +160,6 @@ def pair_scores(model, examples: list[dict], pad_id: int, batch_size: int):
     log-probability of each answer."""
     import torch
 
-    from ftctl.objectives.losses import pair_collate, sequence_logps
-
     device = next(model.parameters()).device
     model.eval()
     chosen, rejected = [], []
@@ -182,7 +184,6 @@ def reward_accuracy(scores, ref_scores=None) -> tuple[float, list[float]]:
     if ref_scores is not None:
         c = [a - b for a, b in zip(c, ref_scores[0])]
         r = [a - b for a, b in zip(r, ref_scores[1])]
-    from ftctl.objectives.losses import pair_credit
 
     rows = [pair_credit(a - b) for a, b in zip(c, r)]
     return sum(rows) / max(len(rows), 1), rows
@@ -199,7 +200,6 @@ class EvalRows:
 
 
 def _rows(ecfg: EvalConfig, cfg, tokenizer) -> EvalRows:
-    from ftctl.data import pipeline
 
     bundle = pipeline.build(cfg, tokenizer)
     split = bundle.split(ecfg.split)
@@ -261,8 +261,6 @@ def _reference_scores(ecfg: EvalConfig, cfg, run: Run | None, device, rows: Eval
 def _score(ecfg: EvalConfig, label: str, loader, prompts: list[str], rows: EvalRows, tokenizer, plain: bool,
            ref_scores, console) -> tuple[dict, dict, list[str] | None]:
     """(figures, per-row scores, generations or None) of one model."""
-    from ftctl.core.registry import METRICS
-    from ftctl.evaluate.generate import generate
 
     gen_metrics = [m for m in ecfg.metrics if m not in MODEL_METRICS]
     n, pad_id = rows.n, tokenizer.pad_token_id
@@ -341,14 +339,10 @@ def run_eval(ecfg: EvalConfig, overrides: list[str] | None = None, console=None)
     """Score a run (or a model folder) on its held-out rows: print a table, write eval/, return the report."""
     from rich.console import Console
 
-    from ftctl.data.templates import from_config
-    from ftctl.models import load as models
-
     console = console or Console()
     _check(ecfg)
     cfg, manifest, run = _config(ecfg, list(overrides or []))
     if cfg.get("task", "generate") == "classify":
-        from ftctl.tasks.classify import run_eval as classify_eval
 
         return classify_eval(ecfg, cfg, manifest, run, console)
     seq2seq = cfg.model.get("kind", "causal") == "seq2seq"

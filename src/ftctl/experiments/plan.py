@@ -39,8 +39,14 @@ from pathlib import Path
 from typing import Optional
 
 from ftctl.config.choices import STRATEGIES  # distributed.strategy
+from ftctl.config.compose import compose
+from ftctl.core.device import pick_device
 from ftctl.core.errors import ConfigError, RunDirError
+from ftctl.core.memory import rss_bytes
 from ftctl.methods.spec import method_spec
+from ftctl.models import load as models
+from ftctl.objectives.losses import TARGET_CHUNK, targets_only_model_config
+from ftctl.rundir import read_manifest
 
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -75,8 +81,6 @@ def model_config(cfg):
     """The transformers config of ``model.path``, without weights: a local folder, ftctl's built-in model,
     the local hub cache or the hub, else ftctl's table of known configs."""
     from transformers import AutoConfig
-
-    from ftctl.models import load as models
 
     path = str(cfg.model.path)
     if path.startswith("builtin:") or Path(path).expanduser().is_dir():
@@ -139,7 +143,6 @@ _DEVICE = {"type": None}
 def _device_type(cfg) -> str:
     if _DEVICE["type"]:
         return _DEVICE["type"]
-    from ftctl.core.device import pick_device
 
     return pick_device().type
 
@@ -222,7 +225,6 @@ def _adapted_linears_per_layer(model) -> tuple[int, float]:
 
 def targets_only_logits(cfg, mconf, method: str, strategy: str) -> bool:
     """Whether the run computes logits at the target positions only (train/objectives.py)."""
-    from ftctl.objectives.losses import targets_only_model_config
 
     return (str(cfg.trainer.get("logits", "all")) == "targets" and cfg.objective == "sft" and strategy == "single"
             and method_spec(method).targets_only and targets_only_model_config(mconf))
@@ -249,7 +251,6 @@ def activation_bytes(cfg, mconf, model, method: str, tokens: int, seq_len: int, 
         layers = L * h + per_layer  # each layer's input, and one layer recomputed during the backward pass
     else:
         layers = L * per_layer
-    from ftctl.objectives.losses import TARGET_CHUNK
 
     logit_rows = min(tokens, TARGET_CHUNK) if targets_only else tokens
     return {"layers": int(layers * tokens * act_bytes),
@@ -264,8 +265,6 @@ def runtime_bytes() -> int:
     import peft  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
-
-    from ftctl.core.memory import rss_bytes
 
     return rss_bytes() or 0
 
@@ -382,9 +381,6 @@ def _gib(b) -> str:
 
 def plan(pcfg: PlanConfig, overrides: list[str], console) -> dict:
     from omegaconf import OmegaConf
-
-    from ftctl.config.compose import compose
-    from ftctl.rundir import read_manifest
 
     man = None
     if pcfg.run:

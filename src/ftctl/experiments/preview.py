@@ -1,7 +1,10 @@
 """`ftctl data preview`: rendered examples with trained and masked tokens told apart, then stats."""
 from __future__ import annotations
 
+from ftctl.data import pipeline
 from ftctl.data.tokenize import IGNORE_INDEX, n_trained
+from ftctl.models import load as models
+from ftctl.tasks.classify import build_data
 
 OPEN, CLOSE = "⟦", "⟧"  # around trained tokens when the output is not a terminal
 
@@ -25,9 +28,6 @@ def marked(parts: list[tuple[str, bool]]) -> str:
 def show(cfg, console, n: int = 3, split: str = "train") -> None:
     from rich.table import Table
     from rich.text import Text
-
-    from ftctl.models import load as models
-    from ftctl.data import pipeline
 
     tokenizer = models.load_tokenizer(models.resolve(cfg.model.path, cfg.model.revision))
     if cfg.get("task", "generate") == "classify":
@@ -102,8 +102,6 @@ def show(cfg, console, n: int = 3, split: str = "train") -> None:
 
 def _show_classify(cfg, tokenizer, console, n: int, split: str) -> None:
     """task=classify: the first rows' text as the model sees it (decoded tokens) and their label, then counts."""
-    from ftctl.tasks.classify import build_data
-    from ftctl.data import pipeline
 
     with console.status("reading and tokenizing the data"):
         bundle = build_data(cfg, tokenizer)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ftctl.core.console import table_console
 from ftctl.core.errors import ConfigError, RunDirError
 from ftctl.rundir import read_config, read_manifest, read_metrics
 
@@ -89,7 +90,6 @@ def list_runs(args: list[str], console) -> list[Path]:
                   f"{last if last is not None else '-'}/{total if total is not None else '-'}",
                   _fmt("", m.get("final_train_loss")), _fmt("", m.get("final_val_loss")), _scores(m),
                   str(m.get("started") or "-"))
-    from ftctl.core.console import table_console
 
     table_console(console, 12).print(t)
     if not runs:
@@ -140,7 +140,6 @@ def compare_runs(args: list[str], console) -> dict:
         t.add_column(n)
     for k in differ:
         t.add_row(k, *[_fmt("", flats[r].get(k)) for r in runs])
-    from ftctl.core.console import table_console
 
     console = table_console(console, 3 + 2 * len(runs))
     console.print(t)

@@ -27,8 +27,28 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from ftctl.core.errors import ConfigError, RunDirError
-from ftctl.report import TRIAL_FILE, best_trial, metric_direction, read_trial, trial_value
+from ftctl.config.compose import compose, first_trial, prepare_overrides, recipe_search_path
+from ftctl.config.schema import register_schemas
+from ftctl.config.validate import validate
+from ftctl.core.atomic import atomic_write_json, atomic_write_text
+from ftctl.core.console import make_console, table_console
+from ftctl.core.errors import ConfigError, Preempted, RunDirError
+from ftctl.core.paths import config_dir
+from ftctl.report import (
+    COLORS,
+    TRIAL_FILE,
+    best_trial,
+    metric_direction,
+    new_figure,
+    read_trial,
+    save_figure,
+    split_rows,
+    sweep_loss_figure,
+    trial_value,
+)
+from ftctl.report import find_trials as with_manifest
+from ftctl.rundir import read_metrics
+from ftctl.train.loop import train
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -39,11 +59,9 @@ def _sweeper(overrides: list[str]) -> str | None:
 def _sweep_metric(overrides: list[str]) -> tuple[str, str]:
     """(sweep.metric, its direction) from the composition without the swept values; val_loss, min if it fails
     for another reason than the config."""
-    from ftctl.config.compose import compose
 
     plain = [o for o in overrides if not o.startswith(("hydra", "+hydra")) and "(" not in o]
     try:
-        from ftctl.config.compose import first_trial
 
         scfg, _ = compose("train", first_trial(plain))
         return str(scfg.sweep.metric), metric_direction(str(scfg.sweep.metric), str(scfg.sweep.direction))
@@ -55,7 +73,6 @@ def _sweep_metric(overrides: list[str]) -> tuple[str, str]:
 
 def _hydra_argv(overrides: list[str], sweep_dir: Path, direction: str) -> list[str]:
     """Hydra's command line for the multirun: the overrides, Optuna's direction (unless given), the sweep folder."""
-    from ftctl.config.compose import recipe_search_path
 
     extra = []
     if _sweeper(overrides) == "optuna" and not any(o.startswith("hydra.sweeper.direction=") for o in overrides):
@@ -71,9 +88,6 @@ def _run_trial(cfg, metric: str, direction: str, stopped: list, debug: bool) -> 
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from ftctl.config.validate import validate
-    from ftctl.core.errors import Preempted
-
     hc = HydraConfig.get()
     trial_dir = Path(hc.runtime.output_dir)
     label = " ".join(hc.overrides.task) or "(defaults)"
@@ -88,7 +102,6 @@ def _run_trial(cfg, metric: str, direction: str, stopped: list, debug: bool) -> 
         with open_dict(cfg):
             if not cfg.output_dir:
                 cfg.output_dir = str(trial_dir)
-        from ftctl.train.loop import train
 
         out = train(cfg, {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v},
                     debug=debug)
@@ -112,7 +125,6 @@ def _sweep_exit(sweep_dir: Path, interrupted: bool, stopped: list) -> int:
     """The report of what ran, and the exit status: 0 all finished, 1 a trial failed, 130 Ctrl-C, or the stop's."""
     if not sweep_dir.is_dir():
         return 130 if interrupted else 1
-    from ftctl.core.console import make_console
 
     rows = sweep_report(sweep_dir, console=make_console())
     if interrupted:
@@ -127,10 +139,6 @@ def _sweep_exit(sweep_dir: Path, interrupted: bool, stopped: list) -> int:
 
 def multirun(overrides: list[str], debug: bool = False) -> int:
     import hydra
-
-    from ftctl.config.compose import prepare_overrides
-    from ftctl.config.schema import register_schemas
-    from ftctl.core.paths import config_dir
 
     register_schemas()
     overrides = prepare_overrides(overrides)
@@ -157,7 +165,6 @@ def multirun(overrides: list[str], debug: bool = False) -> int:
 
 
 def _write_trial(trial_dir: Path, record: dict) -> None:
-    from ftctl.core.atomic import atomic_write_json
 
     trial_dir.mkdir(parents=True, exist_ok=True)
     if record.get("status") != "running":
@@ -168,7 +175,6 @@ def _write_trial(trial_dir: Path, record: dict) -> None:
 # ----------------------------------------------------------------------------- a sweep's trials
 def find_trials(folder: Path, depth: int = 3) -> list[Path]:
     """Trial folders (with trial.json, a manifest.json or Hydra's .hydra/) under a sweep folder, in natural order."""
-    from ftctl.report import find_trials as with_manifest
 
     found = set(with_manifest(folder, depth))
     for marker in (TRIAL_FILE, ".hydra"):
@@ -277,7 +283,6 @@ def _as_number(v):
 
 def metric_figure(rows, swept, metric, direction):
     """The metric against each swept value: one panel per swept key (log scale for wide numeric ranges)."""
-    from ftctl.report import COLORS, new_figure
 
     keys = swept or ["trial"]
     fig, axes = new_figure(len(keys), width=max(5.2, 4.4 * len(keys)), height=3.6)
@@ -312,8 +317,6 @@ def metric_figure(rows, swept, metric, direction):
 
 def loss_figure(rows):
     """Every trial's loss curves overlaid (report.sweep_loss_figure, as on ftctl report's sweep page)."""
-    from ftctl.report import split_rows, sweep_loss_figure
-    from ftctl.rundir import read_metrics
 
     trials = []
     for r in rows:
@@ -325,8 +328,6 @@ def loss_figure(rows):
 
 def sweep_report(folder, metric: str | None = None, console=None) -> list[dict]:
     """Write report.md, report.csv and the two plots for a sweep folder; print the table. Returns the rows."""
-    from ftctl.report import save_figure
-    from ftctl.core.atomic import atomic_write_text
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -348,7 +349,6 @@ def sweep_report(folder, metric: str | None = None, console=None) -> list[dict]:
             t.add_column(h, justify="left" if i < len(swept) + 2 else "right")
         for r, row in zip(rows, table):
             t.add_row(*[_fmt(v) for v in row], style="bold green" if r["best"] else None)
-        from ftctl.core.console import table_console
 
         table_console(console, len(head)).print(t)
         best = next((r for r in rows if r["best"]), None)

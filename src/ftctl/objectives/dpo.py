@@ -21,6 +21,8 @@ from omegaconf import OmegaConf
 
 from ftctl.core.atomic import atomic_file
 from ftctl.core.errors import ConfigError
+from ftctl.core.paths import cache_dir
+from ftctl.data.batches import batch_indices, row_lengths
 from ftctl.methods.peft import is_adapter
 from ftctl.objectives.losses import REFERENCE_FREE, Preference, preference_losses, sequence_logps
 from ftctl.objectives.spec import BuildContext, ObjectiveSpec, register
@@ -103,9 +105,6 @@ def precompute_reference(cfg, model, objective, bundle, model_path, steps: int, 
     """Reference log-probabilities of every pair the run will visit (training rows of its steps, and the
     validation rows it scores), stored on the examples as ref_chosen / ref_rejected; cached on disk."""
     import torch
-
-    from ftctl.core.paths import cache_dir
-    from ftctl.data.batches import batch_indices, row_lengths
 
     tc = cfg.trainer
     n_rows = len(bundle.train.examples)

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ftctl.data.tokenize import collate
+from ftctl.methods.spec import adapter_spec
+
 IGNORE_INDEX = -100
 REFERENCE_FREE = ("simpo", "orpo")
 
@@ -103,7 +106,6 @@ def sequence_logps(logits, labels):
 # ----------------------------------------------------------------------------- batches
 def pair_collate(examples: list[dict], pad_id: int) -> dict:
     """Chosen rows then rejected rows in one right-padded batch of 2 x pairs rows."""
-    from ftctl.data.tokenize import collate
 
     rows = ([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
             + [{"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples])
@@ -170,7 +172,6 @@ def targets_only_parts(model):
     alone; None where the model's own forward must run (prompt-learning adapters, other heads)."""
     lm = model
     if hasattr(lm, "peft_config") and hasattr(lm, "get_base_model"):
-        from ftctl.methods.spec import adapter_spec
 
         peft_cfg, spec = getattr(lm, "active_peft_config", None), adapter_spec(lm)
         # the method's traits: virtual tokens, or a loss term added by the forward (AdaLoRA's), keep the model's own

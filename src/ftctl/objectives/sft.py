@@ -2,6 +2,7 @@
 target's tokens)."""
 from __future__ import annotations
 
+from ftctl.data.tokenize import collate, seq2seq_collate
 from ftctl.objectives.losses import IGNORE_INDEX, targets_only_loss, targets_only_parts
 from ftctl.objectives.spec import BuildContext, ObjectiveSpec, register
 
@@ -17,7 +18,6 @@ class SFT:
         self.targets_only = targets_only
 
     def collate(self, examples):
-        from ftctl.data.tokenize import collate
 
         return collate(examples, self.pad_id)
 
@@ -55,7 +55,6 @@ class Seq2SeqSFT(SFT):
     name = "sft"
 
     def collate(self, examples):
-        from ftctl.data.tokenize import seq2seq_collate
 
         return seq2seq_collate(examples, self.pad_id)
 

@@ -11,8 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ftctl.core.atomic import atomic_write_text
 from ftctl.core.device import pick_device
 from ftctl.core.errors import ConfigError
+from ftctl.core.registry import TEMPLATES
+from ftctl.data.templates import Context, from_config
+from ftctl.evaluate.generate import generate
+from ftctl.models import load as models
 from ftctl.rundir import load_folder, open_run
 
 
@@ -36,9 +41,6 @@ class GenerateConfig:
 def _load(gcfg: GenerateConfig):
     """(model, tokenizer, template, context) for a run directory or a model folder: the template the run
     trained with (a model folder: its tokenizer's chat template, or the text as is)."""
-    from ftctl.data.templates import Context, from_config
-    from ftctl.core.registry import TEMPLATES
-    from ftctl.models import load as models
 
     if bool(gcfg.run) == bool(gcfg.model):
         raise ConfigError("give run=<run directory> or model=<model folder>")
@@ -84,8 +86,6 @@ def _prompts(gcfg: GenerateConfig) -> list[str]:
 
 
 def generate_cmd(gcfg: GenerateConfig, console) -> list[str]:
-    from ftctl.evaluate.generate import generate
-    from ftctl.core.atomic import atomic_write_text
 
     prompts = _prompts(gcfg)
     model, tok, template, ctx = _load(gcfg)

@@ -11,8 +11,11 @@ from typing import Optional
 from ftctl.core.atomic import atomic_write_json, replace_folder
 from ftctl.core.device import pick_device
 from ftctl.core.errors import ConfigError, FtctlError, RunDirError
+from ftctl.data import pipeline
 from ftctl.methods.spec import peft_type_merges
+from ftctl.models.load import auto_class
 from ftctl.rundir import open_run
+from ftctl.tasks.classify import build_data
 
 # largest |logit difference| accepted between the merged model and base + adapter, by dtype
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
@@ -76,7 +79,6 @@ def _fold(model, inputs, mcfg: MergeConfig, console):
 
 
 def merge(mcfg: MergeConfig, console) -> Path:
-    from ftctl.models.load import auto_class
 
     run, peft_type, out = _open(mcfg)
     tokenizer = run.tokenizer()
@@ -109,11 +111,9 @@ def merge(mcfg: MergeConfig, console) -> Path:
 
 def _sample_inputs(cfg, tokenizer, n: int):
     """A few held-out prompts with their answers (the run's own data), right-padded."""
-    from ftctl.data import pipeline
 
     try:
         if cfg.get("task", "generate") == "classify":
-            from ftctl.tasks.classify import build_data
 
             texts = build_data(cfg, tokenizer).validation.prompts[:n]
         else:

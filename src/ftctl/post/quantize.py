@@ -15,10 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ftctl.config.compose import compose
 from ftctl.core.atomic import atomic_write_json, replace_folder
 from ftctl.core.device import pick_device
 from ftctl.core.errors import ConfigError, FtctlError, RunDirError
 from ftctl.core.registry import Registry
+from ftctl.data import pipeline
+from ftctl.data.tokenize import collate
+from ftctl.evaluate.generate import generate
+from ftctl.evaluate.run import perplexity
+from ftctl.models import load as models
 from ftctl.models.bitdelta import BITDELTA_FILE
 from ftctl.rundir import bare_config, load_folder
 
@@ -116,7 +122,6 @@ def bitdelta(src: Path, dst: Path, qcfg, console, calibration=None):
 
     if not qcfg.base:
         raise ConfigError("method=bitdelta needs base=<the base model folder the fine-tune started from>")
-    from ftctl.models import load as models
 
     base_path = Path(models.resolve(qcfg.base, None)).resolve()  # a folder, builtin:<name> or a hub id
     if not (base_path / "config.json").is_file():
@@ -221,10 +226,6 @@ class HeldOut:
 
 
 def _held_out(qcfg: QuantizeConfig, src: Path, overrides: list[str]) -> HeldOut:
-    from ftctl.config.compose import compose
-    from ftctl.data import pipeline
-    from ftctl.data.tokenize import collate
-    from ftctl.models import load as models
 
     # held-out rows for the quality check: the config's data (a recipe=/data= override picks it)
     cfg, _ = compose("train", list(overrides) + [f"model.path={src}", "quant=none"])
@@ -243,8 +244,6 @@ def _held_out(qcfg: QuantizeConfig, src: Path, overrides: list[str]) -> HeldOut:
 def _quantize_into(folder: Path, src: Path, qcfg: QuantizeConfig, held: HeldOut, console) -> dict:
     """Quantize ``src`` into ``folder`` with its tokenizer, reload it, and measure it: perplexity on the
     held-out rows and a sample generation."""
-    from ftctl.evaluate.generate import generate
-    from ftctl.evaluate.run import perplexity
 
     fn = QUANTIZERS.get(qcfg.method)
     with console.status(f"quantizing with {qcfg.method}"):
@@ -279,7 +278,6 @@ def _print_table(console, src: Path, out: Path, qcfg: QuantizeConfig, report: di
 
 def quantize(qcfg: QuantizeConfig, overrides: list[str], console) -> Path:
     """Write a quantized copy of a model folder, with ftctl-quantize.json: sizes and perplexity before and after."""
-    from ftctl.evaluate.run import perplexity
 
     src, out = _check(qcfg)
     held = _held_out(qcfg, src, overrides)

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from ftctl.tasks.base import Task
+from ftctl.tasks.causal import CausalTask
+from ftctl.tasks.classify import ClassifyTask
+from ftctl.tasks.seq2seq import Seq2SeqTask
 
 
 def task_for(cfg) -> Task:
     if cfg.get("task", "generate") == "classify":
-        from ftctl.tasks.classify import ClassifyTask
 
         return ClassifyTask()
     if cfg.model.get("kind") == "seq2seq":
-        from ftctl.tasks.seq2seq import Seq2SeqTask
 
         return Seq2SeqTask()
-    from ftctl.tasks.causal import CausalTask
 
     return CausalTask()

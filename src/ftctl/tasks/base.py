@@ -3,6 +3,7 @@ read, which head the model gets, how the adaptation method wraps it, which objec
 manifest records, and what is scored when training ends."""
 from __future__ import annotations
 
+from ftctl.data import pipeline
 from ftctl.objectives.spec import BuildContext, objective_spec
 
 
@@ -11,7 +12,6 @@ class Task:
 
     def build_data(self, cfg, tokenizer):
         """The train/validation (and test) splits, tokenized."""
-        from ftctl.data import pipeline
 
         return pipeline.build(cfg, tokenizer)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ftctl.core.errors import ConfigError
+from ftctl.methods.peft import prepare
 from ftctl.methods.spec import method_spec
 from ftctl.rundir import adapter_folder
 from ftctl.tasks.base import Task
@@ -11,8 +12,6 @@ from ftctl.tasks.base import Task
 def continue_adapter(model, spec: str, quantized: bool, gradient_checkpointing: bool):
     """Load an earlier run's adapter onto the base, trainable, to go on training it."""
     from peft import PeftModel
-
-    from ftctl.methods.peft import prepare
 
     folder = adapter_folder(spec)
     model = prepare(model, quantized, gradient_checkpointing)

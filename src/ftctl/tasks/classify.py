@@ -27,9 +27,17 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ftctl.data.pipeline import DataBundle, SplitData, describe, split_indices, tokenizer_fingerprint
+from ftctl.core.atomic import atomic_write_json, atomic_write_text, replace_folder
+from ftctl.core.device import pick_device
 from ftctl.core.errors import ConfigError, DataError
 from ftctl.core.registry import CLASSIFY
+from ftctl.data.pipeline import DataBundle, SplitData, describe, map_columns, split_indices, tokenizer_fingerprint
+from ftctl.data.sources import read_source
+from ftctl.methods.peft import freeze, head_modules, parameter_report
+from ftctl.methods.peft import full as full_method
+from ftctl.methods.peft import lora as lora_method
+from ftctl.models import load as models
+from ftctl.rundir import load_folder
 from ftctl.tasks.base import Task
 
 log = logging.getLogger("ftctl")
@@ -49,8 +57,6 @@ class ClassifyBundle(DataBundle):
 
 def _read(spec: str, key: str, cfg) -> list[tuple[str, str | None, str | None, str | None]]:
     """(location, text, label, error) for every row of a source, after data.columns."""
-    from ftctl.data.pipeline import map_columns
-    from ftctl.data.sources import read_source
 
     d, c = cfg.data, cfg.classify
     src = read_source(spec, key, d.split if key == "data.path" else None, d.get("subset") if key == "data.path" else None)
@@ -308,7 +314,6 @@ def _freeze_all(model):
 
 def _heads(model) -> list:
     """The new head, and BERT's pooler (the dense layer between the [CLS] state and the head)."""
-    from ftctl.methods.peft import head_modules
 
     heads = head_modules(model)
     pooler = getattr(getattr(model, "base_model", None), "pooler", None)
@@ -336,8 +341,6 @@ def last_block(model, cfg, gradient_checkpointing=False, **_):
     """The last classify.blocks transformer blocks, the final norm and the head train."""
     from types import SimpleNamespace
 
-    from ftctl.methods.peft import freeze
-
     model = freeze(model, SimpleNamespace(trainable_layers=cfg.classify.blocks), False, gradient_checkpointing)
     for m in _heads(model):
         m.requires_grad_(True)
@@ -347,7 +350,6 @@ def last_block(model, cfg, gradient_checkpointing=False, **_):
 @CLASSIFY.register("lora")
 def lora(model, cfg, gradient_checkpointing=False, steps=None, model_path=None, **_):
     """LoRA on the peft.target_modules (peft's TaskType.SEQ_CLS); the head (and pooler) trained whole."""
-    from ftctl.methods.peft import lora as lora_method
 
     pcfg = OmegaConf.create(OmegaConf.to_container(cfg.peft, resolve=True))
     extra = ["pooler"] if getattr(getattr(model, "base_model", None), "pooler", None) is not None else []
@@ -359,7 +361,6 @@ def lora(model, cfg, gradient_checkpointing=False, steps=None, model_path=None, 
 @CLASSIFY.register("full")
 def full(model, cfg, gradient_checkpointing=False, **_):
     """Full fine-tuning: every weight, and the head."""
-    from ftctl.methods.peft import full as full_method
 
     return full_method(model, cfg.peft, False, gradient_checkpointing)
 
@@ -455,12 +456,6 @@ def run_eval(ecfg, cfg, manifest: dict, run, console) -> dict:
     """ftctl eval for a classifier (``run``: the opened run, ``ftctl.rundir.Run``, or None for model=DIR):
     predict the split's labels, score, print, write eval/<name>.json."""
     from rich.table import Table
-
-    from ftctl.core.device import pick_device
-    from ftctl.rundir import load_folder
-
-    from ftctl.models import load as models
-    from ftctl.core.atomic import atomic_write_json, atomic_write_text
 
     bad = [m for m in ecfg.metrics if m not in METRIC_NAMES]
     if bad:
@@ -566,8 +561,6 @@ class ClassifyTask(Task):
     def fit_without_steps(self, cfg, model, bundle, tokenizer, out: Path, console) -> tuple[Path, dict]:
         """classify.strategy=features: the logistic regression, fitted on the frozen model's pooled states and
         saved in <run>/classifier/."""
-        from ftctl.core.atomic import replace_folder
-        from ftctl.methods.peft import parameter_report
 
         state, result = fit_features(model, bundle, cfg, tokenizer.pad_token_id, console)
         n_lr = int(state["coef"].size + state["intercept"].size)

@@ -16,8 +16,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from ftctl.core.errors import NonFiniteError, RunDirError
 from ftctl.core.atomic import atomic_write_json, fsync_dir
+from ftctl.core.errors import NonFiniteError, RunDirError
 
 log = logging.getLogger("ftctl")
 STEP_DIR = re.compile(r"^step-(\d+)$")

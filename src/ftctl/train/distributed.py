@@ -22,7 +22,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from ftctl.config.choices import ENGINE, ZERO_STAGE
+from ftctl.core.atomic import atomic_write_json, fsync_dir
 from ftctl.core.errors import ConfigError, RunDirError
+from ftctl.train import checkpoint
+from ftctl.train.checkpoint import prune_checkpoints, rng_state, set_rng_state, sha256_file
 
 
 # ----------------------------------------------------------------------------- precision
@@ -201,7 +204,6 @@ class Engine:
 
     # -- checkpoints and the final weights
     def save(self, root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-        from ftctl.train import checkpoint
 
         final = root / f"step-{step:06d}"
         if self.is_main:
@@ -210,7 +212,6 @@ class Engine:
         return final
 
     def load(self, ckpt: Path, model, optimizer, scheduler) -> dict:
-        from ftctl.train import checkpoint
 
         self._check_format(ckpt)
         return checkpoint.load(ckpt, self.unwrap(model), optimizer, scheduler)
@@ -234,9 +235,6 @@ class ShardedEngine(Engine):
 
     def _save_sharded(self, root: Path, step: int, write, state: dict, keep: int, scheduler=None) -> Path:
         import torch
-
-        from ftctl.core.atomic import atomic_write_json, fsync_dir
-        from ftctl.train.checkpoint import prune_checkpoints, sha256_file, rng_state
 
         final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}-{self.strategy}"
         if self.is_main:
@@ -267,8 +265,6 @@ class ShardedEngine(Engine):
 
     def _load_common(self, ckpt: Path, scheduler=None) -> dict:
         import torch
-
-        from ftctl.train.checkpoint import set_rng_state
 
         if scheduler is not None:
             scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))

@@ -19,8 +19,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ftctl.core.errors import ConfigError, FtctlError
 from ftctl.config.checks import DEEPSPEED, SHARDED, world_size
+from ftctl.config.compose import check_override_keys
+from ftctl.config.schema import GROUPS, TrainConfig
+from ftctl.config.validate import validate
+from ftctl.core.atomic import atomic_write_json, atomic_write_text
+from ftctl.core.errors import ConfigError, FtctlError, Preempted
+from ftctl.rundir import default_output_dir, prepare_output_dir, read_manifest
+from ftctl.train.checkpoint import resume_arg
+from ftctl.train.distributed import deepspeed_config, deepspeed_installed, mixed_precision
 
 
 def is_worker() -> bool:
@@ -66,10 +73,6 @@ def launch(cfg, choices: dict, console, debug: bool = False, dry_run: bool = Fal
     ``dry_run`` only print what would run."""
     from omegaconf import OmegaConf, open_dict
 
-    from ftctl.core.atomic import atomic_write_json, atomic_write_text
-    from ftctl.rundir import default_output_dir, prepare_output_dir
-    from ftctl.train.checkpoint import resume_arg
-
     if not needed(cfg):
         console.print("one process: `ftctl train` runs in this process (no launcher); set launcher.nproc_per_node "
                       "or launcher.nnodes, with a distributed= strategy, for more", highlight=False)
@@ -79,7 +82,6 @@ def launch(cfg, choices: dict, console, debug: bool = False, dry_run: bool = Fal
     with open_dict(cfg):
         cfg.output_dir = str(out)  # every worker (and every machine) writes the same run directory
     if cfg.distributed.strategy in DEEPSPEED:  # a user's DeepSpeed JSON that disagrees stops here, not in N workers
-        from ftctl.train.distributed import deepspeed_config, deepspeed_installed, mixed_precision
 
         if not deepspeed_installed():
             raise ConfigError(f"distributed={cfg.distributed.strategy} needs DeepSpeed: pip install deepspeed "
@@ -101,8 +103,6 @@ def launch(cfg, choices: dict, console, debug: bool = False, dry_run: bool = Fal
                   f"(distributed={cfg.distributed.strategy}): {shlex.join(cmd)}", highlight=False, markup=False)
     rc = _run(cmd, worker_env(cfg))
     if rc:
-        from ftctl.core.errors import Preempted
-        from ftctl.rundir import read_manifest
 
         manifest = read_manifest(out) or {}
         if manifest.get("status") == "preempted":  # the workers saved a checkpoint; say how to go on
@@ -144,10 +144,6 @@ def load_config(overrides: list[str]):
     the config and group choices the run was composed with, validated again."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
-
-    from ftctl.config.schema import GROUPS, TrainConfig
-    from ftctl.config.compose import check_override_keys
-    from ftctl.config.validate import validate
 
     path = Path(config_file(overrides)).expanduser()
     rest = [o for o in overrides if not o.startswith("config_file=")]

@@ -23,19 +23,26 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ftctl import __version__
+from ftctl import __version__, report
 from ftctl.core import memory
 from ftctl.core.atomic import atomic_write_json, atomic_write_text, replace_folder
-from ftctl.core.errors import ConfigError, NonFiniteError, Preempted
+from ftctl.core.errors import ConfigError, FtctlError, NonFiniteError, Preempted
 from ftctl.core.progress import TrainProgress
+from ftctl.data import pipeline
 from ftctl.data.batches import batch_indices, row_lengths, total_steps
+from ftctl.evaluate.run import EvalConfig, run_eval
 from ftctl.methods import peft
+from ftctl.methods.peft import save_adapter
 from ftctl.methods.spec import adapter_spec
+from ftctl.models.load import keep_training_layout, load_tokenizer, resolve
+from ftctl.models.load import load_model as load
 from ftctl.objectives.losses import StepStats
 from ftctl.objectives.spec import BuildContext, objective_spec
 from ftctl.rundir import Metrics, adapter_folder, default_output_dir, git_commit, library_versions, prepare_output_dir
 from ftctl.tasks import Task, task_for
-from ftctl.train import checkpoint, distributed
+from ftctl.train import checkpoint, distributed, launch, tracking
+from ftctl.train.checkpoint import assert_finite, trainable_state
+from ftctl.train.optim import make_optimizer
 
 log = logging.getLogger("ftctl")
 
@@ -123,8 +130,6 @@ def _trained_modules_line(modules: list[dict], shown: int = 6) -> str:
 
 def save_final(model, tokenizer, out: Path, is_adapter: bool, state: dict | None = None) -> Path:
     """The final adapter (or model), written once; ``state``: weights gathered from sharded processes."""
-    from ftctl.methods.peft import save_adapter
-    from ftctl.train.checkpoint import assert_finite, trainable_state
 
     assert_finite(trainable_state(model) if state is None else state, "the final weights")
     weights = {} if state is None else {"state_dict": state}
@@ -141,15 +146,12 @@ def save_final(model, tokenizer, out: Path, is_adapter: bool, state: dict | None
 
 def _after_train_eval(cfg, out: Path, manifest: dict, console) -> None:
     """eval.after_train: score the finished run; a failure here is reported, the trained run stays valid."""
-    from ftctl.core.errors import FtctlError
-    from ftctl.evaluate.run import EvalConfig, run_eval
-
     e = cfg.eval
     try:
-        report = run_eval(EvalConfig(run=str(out), metrics=list(e.after_train), split=e.split, limit=e.limit,
+        scored = run_eval(EvalConfig(run=str(out), metrics=list(e.after_train), split=e.split, limit=e.limit,
                                      max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, name="after_train"),
                           console=console)
-        manifest["eval"] = report["results"].get("tuned")
+        manifest["eval"] = scored["results"].get("tuned")
     except FtctlError as err:
         console.print(f"[yellow]eval.after_train failed:[/] {err}", highlight=False)
         manifest["eval_error"] = str(err)
@@ -237,8 +239,6 @@ def start(cfg: DictConfig, choices: dict, console, debug: bool) -> Run:
     import torch
     from rich.console import Console
 
-    from ftctl.train import launch, tracking
-
     if launch.needed(cfg):
         raise ConfigError(f"distributed={cfg.distributed.strategy} with {launch.world_size(cfg)} process(es) runs under "
                           "torchrun: start it with `ftctl train` (not in a sweep or from Python's train())")
@@ -269,8 +269,6 @@ def load_data(run: Run) -> None:
     leaves nothing behind)."""
     from accelerate.utils import set_seed
 
-    from ftctl.models.load import load_tokenizer, resolve
-
     cfg = run.cfg
     with run.engine.main_first():  # the main process fills the model and data caches; the others then read them
         run.model_path = resolve(cfg.model.path, cfg.model.revision)
@@ -291,7 +289,6 @@ def load_data(run: Run) -> None:
 
 
 def _announce(run: Run) -> None:
-    from ftctl.data import pipeline
 
     cfg, bundle, engine = run.cfg, run.bundle, run.engine
     where = f"device={engine.device}" if engine.world == 1 else \
@@ -311,7 +308,6 @@ def _announce(run: Run) -> None:
 
 def load_model(run: Run) -> None:
     """The model with the task's head, wrapped by the adaptation method, then by the engine."""
-    from ftctl.models.load import keep_training_layout, load_model as load
 
     cfg, engine = run.cfg, run.engine
     quantized = cfg.quant.method != "none"
@@ -338,8 +334,6 @@ def make_optimizer_and_objective(run: Run) -> None:
     """Optimizer and schedule, prepared by the engine; the objective (with a DPO reference where it needs one);
     the state of the checkpoint being resumed."""
     from transformers import get_scheduler
-
-    from ftctl.train.optim import make_optimizer
 
     cfg, engine, tc = run.cfg, run.engine, run.cfg.trainer
     run.params = [p for p in run.model.parameters() if p.requires_grad]
@@ -373,9 +367,8 @@ def _restore(run: Run) -> None:
 
 def open_run_dir(run: Run) -> None:
     """config.yaml, the manifest (status running), metrics.jsonl and the trackers."""
-    from ftctl.train import tracking
 
-    cfg, engine, bundle, report = run.cfg, run.engine, run.bundle, run.params_report
+    cfg, engine, bundle, params = run.cfg, run.engine, run.bundle, run.params_report
     if run.main:
         atomic_write_text(run.out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     run.manifest = _manifest(run)
@@ -385,13 +378,12 @@ def open_run_dir(run: Run) -> None:
         if run.main else _NoMetrics()
     run.trackers = tracking.Trackers(cfg, run.out, engine.accelerator, run.console, start_step=run.start_step)
     run.console.print(f"{run.n_rows} train rows, {bundle.validation.kept} validation rows, {run.steps} steps, "
-                      f"{report['trainable_params']:,} trainable of {report['total_params']:,} parameters "
-                      f"({report['trainable_percent']:.4g}%)", highlight=False)
-    run.console.print(_trained_modules_line(report["trainable_modules"]), highlight=False, markup=False)
+                      f"{params['trainable_params']:,} trainable of {params['total_params']:,} parameters "
+                      f"({params['trainable_percent']:.4g}%)", highlight=False)
+    run.console.print(_trained_modules_line(params["trainable_modules"]), highlight=False, markup=False)
 
 
 def _manifest(run: Run) -> dict:
-    from ftctl.data import pipeline
 
     cfg, bundle = run.cfg, run.bundle
     return {
@@ -612,7 +604,6 @@ def _record_failure(run: Run, e: BaseException, measured: dict) -> None:
 # ----------------------------------------------------------------------------- finish
 def finish(run: Run, loop_figures: dict) -> None:
     """The task's final scores, the finished manifest, then eval.after_train, plots and the trackers' end."""
-    from ftctl import report
 
     cfg, out, manifest = run.cfg, run.out, run.manifest
     run.task.finish(run.engine.accelerator.unwrap_model(run.model), run.bundle, run.tokenizer.pad_token_id,

@@ -5,6 +5,8 @@ optimizer (LoRA+, with peft's ``create_loraplus_optimizer``) makes it instead.
 """
 from __future__ import annotations
 
+from ftctl.methods.spec import method_spec
+
 
 def optimizer_class(name: str):
     """(class, extra keyword arguments) for trainer.optimizer."""
@@ -26,7 +28,6 @@ def optimizer_class(name: str):
 
 
 def make_optimizer(trainer_cfg, peft_cfg, model, params):
-    from ftctl.methods.spec import method_spec
 
     cls, kwargs = optimizer_class(trainer_cfg.optimizer)
     own = method_spec(peft_cfg.method).optimizer

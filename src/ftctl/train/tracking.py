@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 from ftctl.config.checks import mlflow_uri, names
+from ftctl.core.atomic import atomic_write_json
 
 log = logging.getLogger("ftctl")
 
@@ -142,7 +143,6 @@ class Trackers:
         accelerator.init_trackers(str(cfg.logging.project), config=flat_config(cfg))
         ids = {f"{t.name}_run_id": getattr(t, "run_id", None) for t in self.active if getattr(t, "run_id", None)}
         if ids:
-            from ftctl.core.atomic import atomic_write_json
 
             atomic_write_json(self.out / "tracking.json", {**_state(self.out), **ids})
         live = [t.where() for t in self.active if t.broken is None]
