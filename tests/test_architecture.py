@@ -23,7 +23,7 @@ LAYERS = [
     ("post", "experiments"),                  # merge/quantize/chat; sweeps, runs, plan, preview
     ("cli",),                                 # one module per command
 ]
-MAX_LINES = 80
+MAX_LINES = 60
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 

@@ -26,43 +26,51 @@ def marked(parts: list[tuple[str, bool]]) -> str:
 
 
 def show(cfg, console, n: int = 3, split: str = "train") -> None:
-    from rich.table import Table
-    from rich.text import Text
-
     tokenizer = models.load_tokenizer(models.resolve(cfg.model.path, cfg.model.revision))
     if cfg.get("task", "generate") == "classify":
         return _show_classify(cfg, tokenizer, console, n, split)
     with console.status("rendering and tokenizing the data"):
         bundle = pipeline.build(cfg, tokenizer)
     sd = bundle.split(split)
-    tty = console.is_terminal
     examples = sd.unpacked if sd.unpacked is not None else sd.examples
-    legend = ("trained tokens in [bold green]green[/], masked tokens [dim]dimmed[/]" if tty else
+    legend = ("trained tokens in [bold green]green[/], masked tokens [dim]dimmed[/]" if console.is_terminal else
               f"trained tokens are between {OPEN} and {CLOSE}; everything else is masked")
     console.print(f"[bold]{cfg.data.path}[/] ({split}) with template={cfg.template.name}, "
                   f"data.train_on={cfg.data.train_on}: {legend}", highlight=False)
     for i, ex in enumerate(examples[:n]):
-        seqs = [("", ex["input_ids"], ex["labels"])]
-        if len(ex["labels"]) != len(ex["input_ids"]):  # model.kind=seq2seq: the source, then the target
-            seqs = [("source + target", ex["input_ids"] + ex["labels"],
-                     [IGNORE_INDEX] * len(ex["input_ids"]) + ex["labels"])]
-        if "rejected_input_ids" in ex:
-            seqs = [("chosen", ex["input_ids"], ex["labels"]),
-                    ("rejected", ex["rejected_input_ids"], ex["rejected_labels"])]
-        for label, ids, labels in seqs:
-            n_train = n_trained(labels)
-            title = f"── example {i + 1}{' ' + label if label else ''}: {len(ids)} tokens, {n_train} trained "
-            console.print(title + "─" * max(0, 60 - len(title)), highlight=False, markup=False)
-            parts = runs(tokenizer, ids, labels)
-            if tty:
-                text = Text()
-                for t, trained in parts:
-                    text.append(t, style="bold green" if trained else "dim")
-                console.print(text)
-            else:
-                console.print(marked(parts), highlight=False, markup=False)
+        _print_example(console, tokenizer, i, ex)
     if not examples:
         console.print(f"(no {split} rows)")
+    _print_stats(cfg, bundle, console)
+
+
+def _print_example(console, tokenizer, i: int, ex: dict) -> None:
+    """One example, its trained tokens marked: the text (seq2seq: source, then target), or both answers of a pair."""
+    from rich.text import Text
+
+    seqs = [("", ex["input_ids"], ex["labels"])]
+    if len(ex["labels"]) != len(ex["input_ids"]):  # model.kind=seq2seq: the source, then the target
+        seqs = [("source + target", ex["input_ids"] + ex["labels"], [IGNORE_INDEX] * len(ex["input_ids"]) + ex["labels"])]
+    if "rejected_input_ids" in ex:
+        seqs = [("chosen", ex["input_ids"], ex["labels"]),
+                ("rejected", ex["rejected_input_ids"], ex["rejected_labels"])]
+    for label, ids, labels in seqs:
+        n_train = n_trained(labels)
+        title = f"── example {i + 1}{' ' + label if label else ''}: {len(ids)} tokens, {n_train} trained "
+        console.print(title + "─" * max(0, 60 - len(title)), highlight=False, markup=False)
+        parts = runs(tokenizer, ids, labels)
+        if console.is_terminal:
+            text = Text()
+            for t, trained in parts:
+                text.append(t, style="bold green" if trained else "dim")
+            console.print(text)
+        else:
+            console.print(marked(parts), highlight=False, markup=False)
+
+
+def _print_stats(cfg, bundle, console) -> None:
+    """Rows, drops, tokens, length percentiles and packing per split; then what was skipped and why."""
+    from rich.table import Table
 
     table = Table(title="data", show_header=True, header_style="bold")
     table.add_column("")

@@ -455,8 +455,6 @@ def features_predict(folder: Path, x) -> list[int]:
 def run_eval(ecfg, cfg, manifest: dict, run, console) -> dict:
     """ftctl eval for a classifier (``run``: the opened run, ``ftctl.rundir.Run``, or None for model=DIR):
     predict the split's labels, score, print, write eval/<name>.json."""
-    from rich.table import Table
-
     bad = [m for m in ecfg.metrics if m not in METRIC_NAMES]
     if bad:
         raise ConfigError(f"eval metric {bad[0]!r} does not apply to a classifier (task=classify); choose from: "
@@ -471,40 +469,20 @@ def run_eval(ecfg, cfg, manifest: dict, run, console) -> dict:
     bundle = build_data(cfg, tokenizer)
     split = {"train": bundle.train_unbalanced, "validation": bundle.validation.examples,
              "test": bundle.test.examples}.get(ecfg.split)
-    sd = bundle.split(ecfg.split)
+    prompts = bundle.split(ecfg.split).prompts  # the texts of the kept rows, before any balancing
     n = min(len(split), ecfg.limit or len(split))
     if n == 0:
         raise ConfigError(f"no {ecfg.split} rows to evaluate")
-    examples, texts = split[:n], sd.prompts[:n]  # prompts: the texts of the kept rows, before any balancing
-    device = pick_device()
+    examples = split[:n]
     t0 = time.time()
     with console.status(f"classifying {n} {ecfg.split} rows"):
-        model = run.load_model(device) if run is not None else \
-            load_folder(Path(ecfg.model), device, cfg.model, cfg.quant, head="classify",
-                        pad_id=tokenizer.pad_token_id, labels=bundle.labels)
-        if run is not None and run.classifier is not None:
-            how = json.loads((run.classifier / "classifier.json").read_text())["pooling"]
-            preds = features_predict(run.classifier, embed(model, examples, tokenizer.pad_token_id, how,
-                                                           ecfg.batch_size))
-        else:
-            preds, _ = predict(model, examples, tokenizer.pad_token_id, ecfg.batch_size)
+        preds = _eval_predictions(ecfg, cfg, run, bundle, examples, tokenizer.pad_token_id)
     sc = scores([e["label"] for e in examples], preds, bundle.labels)
     want = {"accuracy": ("accuracy",), "precision": ("precision",), "recall": ("recall",), "f1": ("f1",)}
     shown = {k: v for k, v in flat(sc).items() if k.startswith(tuple(p for m in ecfg.metrics for p in want[m]))}
     label = "tuned" if run is not None else "model"
-    table = Table(title=f"{run.path if run is not None else model_path} — {n} {ecfg.split} rows")
-    table.add_column("metric")
-    table.add_column(label, justify="right")
-    for k, v in shown.items():
-        table.add_row(k, f"{v:.2f}")
-    console.print(table)
-    cm = Table(title="confusion matrix (rows: true label, columns: predicted)")
-    cm.add_column("")
-    for lab in bundle.labels:
-        cm.add_column(lab, justify="right")
-    for lab, row in zip(bundle.labels, sc["confusion_matrix"]):
-        cm.add_row(lab, *map(str, row))
-    console.print(cm)
+    _print_eval(console, f"{run.path if run is not None else model_path} — {n} {ecfg.split} rows", label, shown, sc,
+                bundle.labels)
     name = ecfg.name or "_".join(ecfg.metrics)
     where = (run.path / "eval") if run is not None else Path(ecfg.output or model_path / "eval")
     where.mkdir(parents=True, exist_ok=True)
@@ -514,11 +492,42 @@ def run_eval(ecfg, cfg, manifest: dict, run, console) -> dict:
               "data": {"path": cfg.data.path, "task": "classify"}}
     lines = [json.dumps({"prompt": t, "reference": bundle.labels[e["label"]], f"prediction_{label}": bundle.labels[p],
                          f"scores_{label}": {"accuracy": 100.0 * (p == e["label"])}}, ensure_ascii=False)
-             for t, e, p in zip(texts, examples, preds)]
+             for t, e, p in zip(prompts[:n], examples, preds)]
     atomic_write_text(where / f"{name}.predictions.jsonl", "\n".join(lines) + "\n")
     atomic_write_json(where / f"{name}.json", report)
     console.print(f"wrote {where / (name + '.json')} and {name}.predictions.jsonl", highlight=False)
     return report
+
+
+def _eval_predictions(ecfg, cfg, run, bundle, examples: list[dict], pad_id: int) -> list[int]:
+    """The classifier's predicted class ids: the run's model (or model=DIR with a new head), or the features
+    strategy's logistic regression on the base's pooled states."""
+    device = pick_device()
+    model = run.load_model(device) if run is not None else \
+        load_folder(Path(ecfg.model), device, cfg.model, cfg.quant, head="classify", pad_id=pad_id,
+                    labels=bundle.labels)
+    if run is not None and run.classifier is not None:
+        how = json.loads((run.classifier / "classifier.json").read_text())["pooling"]
+        return features_predict(run.classifier, embed(model, examples, pad_id, how, ecfg.batch_size))
+    return predict(model, examples, pad_id, ecfg.batch_size)[0]
+
+
+def _print_eval(console, title: str, label: str, shown: dict, sc: dict, labels: list[str]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column(label, justify="right")
+    for k, v in shown.items():
+        table.add_row(k, f"{v:.2f}")
+    console.print(table)
+    cm = Table(title="confusion matrix (rows: true label, columns: predicted)")
+    cm.add_column("")
+    for lab in labels:
+        cm.add_column(lab, justify="right")
+    for lab, row in zip(labels, sc["confusion_matrix"]):
+        cm.add_row(lab, *map(str, row))
+    console.print(cm)
 
 
 # ----------------------------------------------------------------------------- the run
