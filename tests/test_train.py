@@ -149,3 +149,17 @@ def test_a_cold_model_cache_trains_as_a_warm_one(tmp_path, tiny_model_path):
         losses.append([m["loss"] for m in read_metrics(tmp_path / name) if "loss" in m])
     assert (cache / "models" / tiny_model_path.name / "config.json").is_file()  # the first run built it
     assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
+def test_a_failed_setup_leaves_no_log_handler_behind(tmp_path):
+    """A run that fails after its train.log is open (here: an adapter folder that is not there) closes the log,
+    so the next run in the same process (a sweep's next trial) does not also write into it."""
+    import logging
+
+    from ftctl.core.errors import ConfigError
+
+    before = list(logging.getLogger("ftctl").handlers)
+    with pytest.raises(ConfigError, match="model.adapter="):
+        _train(tmp_path / "run", "trainer.max_steps=1", f"model.adapter={tmp_path / 'no-such-adapter'}")
+    assert (tmp_path / "run" / "train.log").is_file()
+    assert logging.getLogger("ftctl").handlers == before

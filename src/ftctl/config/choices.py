@@ -16,7 +16,8 @@ from ftctl.core import registry
 class Choice:
     key: str  # the dotted config key
     meaning: str  # one line: what the key decides
-    values: tuple[str, ...] = ()  # the allowed values, in the order messages and docs list them
+    values: tuple[str, ...] = ()  # the allowed values, in the order messages and docs list them (with a registry:
+    # the order of those of its names listed here; its other names follow)
     registry: str | None = None  # or: the name of the ftctl.core.registry Registry whose names are allowed
     extra: tuple[str, ...] = ()  # names allowed beside the registry's
     many: bool = False  # the key takes a list of these values
@@ -86,7 +87,7 @@ _TABLE = (
     Choice("sweep.direction", "whether a sweep's best trial has the lowest or highest sweep.metric (auto: min for "
            "losses, perplexity, memory and time)", ("auto", "min", "max")),
     Choice("objective", "the training loss (ftctl/objectives/, a registry): next-token SFT, preference pairs "
-           "(dpo.*), or a reward model", registry="OBJECTIVES"),
+           "(dpo.*), or a reward model", ("sft", "dpo", "reward"), registry="OBJECTIVES"),
     Choice("task", "generate text, or classify with a classification head (classify.*)", ("generate", "classify")),
     Choice("classify.strategy", "task=classify: what trains (features: a logistic regression on frozen embeddings)",
            registry="CLASSIFY", when=("task", "classify")),
@@ -103,8 +104,9 @@ def allowed(key: str) -> tuple[str, ...]:
     c = CHOICES[key]
     if c.registry is None:
         return c.values
-
-    return tuple(getattr(registry, c.registry).names()) + c.extra
+    names = getattr(registry, c.registry).names()
+    # values beside a registry: the order to list them in (the default first), the registry's others after them
+    return tuple(v for v in c.values if v in names) + tuple(n for n in names if n not in c.values) + c.extra
 
 
 def markdown() -> str:

@@ -320,8 +320,8 @@ def loss_figure(rows):
 
     trials = []
     for r in rows:
-        train, val = split_rows(read_metrics(r["dir"])) if (r["dir"] / "metrics.jsonl").is_file() else ([], [])
-        trials.append({"train": train, "val": val, "best": r["best"],
+        steps, val = split_rows(read_metrics(r["dir"])) if (r["dir"] / "metrics.jsonl").is_file() else ([], [])
+        trials.append({"train": steps, "val": val, "best": r["best"],
                        "label": " ".join(f"{k}={v}" for k, v in r["swept"].items()) or r["trial"]})
     return sweep_loss_figure(trials)
 

@@ -221,12 +221,16 @@ class StepResult:
 def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> Path:
     """Run one training job described by a composed config. Returns the run directory."""
     run = start(cfg, choices, console, debug)
-    load_data(run)
-    load_model(run)
-    if run.task.fits_without_steps(cfg):  # classify.strategy=features: no gradient steps
-        return fit_without_steps(run)
-    make_optimizer_and_objective(run)
-    open_run_dir(run)
+    try:
+        load_data(run)
+        load_model(run)
+        if run.task.fits_without_steps(cfg):  # classify.strategy=features: no gradient steps
+            return fit_without_steps(run)
+        make_optimizer_and_objective(run)
+        open_run_dir(run)
+    except BaseException:
+        _close_log(run)  # a failed set-up leaves train.log, and no handler behind (a sweep's next trial logs apart)
+        raise
     loop_figures = fit(run)
     if run.main:
         finish(run, loop_figures)
@@ -409,6 +413,7 @@ def fit_without_steps(run: Run) -> Path:
     if run.main:
         atomic_write_text(run.out / "config.yaml", OmegaConf.to_yaml(run.cfg, resolve=True))
     run.manifest = _manifest(run)
+    run.manifest["data"]["test"] = pipeline.describe(run.bundle.test)
     atomic_write_json(run.out / "manifest.json", run.manifest)
     try:
         final, updates = run.task.fit_without_steps(run.cfg, run.model, run.bundle, run.tokenizer, run.out,
@@ -416,7 +421,6 @@ def fit_without_steps(run: Run) -> Path:
     except BaseException as e:
         run.manifest.update(status="failed", error=f"{type(e).__name__}: {e}")
         atomic_write_json(run.out / "manifest.json", run.manifest)
-        log.removeHandler(run.handler)
         raise
     wall = round(time.time() - run.t_start, 1)
     run.manifest.update(**updates, train_time_s=wall, status="finished", output=final.name, wall_time_s=wall,
@@ -424,8 +428,7 @@ def fit_without_steps(run: Run) -> Path:
     atomic_write_json(run.out / "manifest.json", run.manifest)
     run.console.print(f"[green]done[/] in {wall:.0f}s: {final}", highlight=False)
     log.info("finished: %s", final)
-    log.removeHandler(run.handler)
-    run.handler.close()
+    _close_log(run)
     return run.out
 
 
@@ -598,7 +601,14 @@ def _record_failure(run: Run, e: BaseException, measured: dict) -> None:
         atomic_write_json(run.out / "manifest.json", run.manifest)
     run.metrics.close()
     run.trackers.finish(status=status)
-    log.removeHandler(run.handler)
+    _close_log(run)
+
+
+def _close_log(run: Run) -> None:
+    """train.log's handler off the ftctl logger, and closed."""
+    if run.handler is not None:
+        log.removeHandler(run.handler)
+        run.handler.close()
 
 
 # ----------------------------------------------------------------------------- finish
@@ -621,5 +631,4 @@ def finish(run: Run, loop_figures: dict) -> None:
         report.plots_after_run(out, run.console)  # a failure here is a warning line, the run stays finished
     run.trackers.finish(final, eval_scores=manifest.get("eval"))
     log.info("finished: %s", final)
-    log.removeHandler(run.handler)
-    run.handler.close()
+    _close_log(run)
