@@ -56,6 +56,20 @@ def subcommand(args: list[str], command: str, available: str) -> list[str]:
     return args[1:]
 
 
+@dataclasses.dataclass
+class WithOverrides:
+    """A command's own options (its dataclass), and the training config's keys it composes beside them
+    (recipe=, data.path=, peft.r=, ...): ftctl eval, quantize and plan."""
+    options: Any
+    overrides: list[str] = dataclasses.field(default_factory=list)
+
+
+def parse_with_overrides(cls, args: list[str], command: str) -> WithOverrides:
+    help_requested(args)
+    own, rest = own_keys(cls, args)
+    return WithOverrides(options(cls, own, command), rest)
+
+
 def own_keys(cls, args: list[str]) -> tuple[list[str], list[str]]:
     """key=value arguments for the command's own dataclass ``cls``, and the rest (training-config
     overrides such as recipe= or data.path=)."""

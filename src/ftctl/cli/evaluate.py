@@ -1,32 +1,27 @@
 """ftctl eval METRIC [METRIC ...] run=DIR|model=DIR [key=value ...]: generate on held-out rows and score."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from ftctl.cli.args import Command, compose_overrides, help_requested, options, own_keys
+from ftctl.cli.args import (
+    Command,
+    WithOverrides,
+    compose_overrides,
+    parse_with_overrides,
+)
 from ftctl.core.errors import ConfigError
 
 
-@dataclass
-class EvalArgs:
-    options: Any  # ftctl.evaluate.run.EvalConfig
-    overrides: list[str] = field(default_factory=list)  # the training config's keys (data.path=, recipe=, ...)
-
-
-def parse(args: list[str]) -> EvalArgs:
+def parse(args: list[str]) -> WithOverrides:
+    """The metric names (the words), then EvalConfig's keys and the training config's overrides."""
     from ftctl.evaluate.run import EvalConfig
 
-    help_requested(args)
-    metrics = [a for a in args if "=" not in a]
-    kv, overrides = own_keys(EvalConfig, [a for a in args if "=" in a])
-    ecfg = options(EvalConfig, kv, "eval")
-    ecfg.metrics = list(ecfg.metrics) + metrics
-    return EvalArgs(ecfg, overrides)
+    e = parse_with_overrides(EvalConfig, [a for a in args if "=" in a or a in ("-h", "--help")], "eval")
+    e.options.metrics = list(e.options.metrics) + [a for a in args if "=" not in a]
+    return e
 
 
-def check(e: EvalArgs) -> None:
+def check(e: WithOverrides) -> None:
     """The metric names, and the overrides as the run applies them: on a run's config (data.* and template.*
     keys only) or composed with the model folder."""
     from ftctl.config.compose import check_override_keys
@@ -47,7 +42,7 @@ def check(e: EvalArgs) -> None:
         compose_overrides(list(e.overrides) + [f"model.path={folder}", "quant=none"])
 
 
-def run(e: EvalArgs, debug: bool) -> int:
+def run(e: WithOverrides, debug: bool) -> int:
     from ftctl.core.console import make_console
     from ftctl.evaluate.run import run_eval
 

@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from ftctl.cli.args import (
     Command,
     ShowUsage,
     UsageError,
+    WithOverrides,
     compose_overrides,
     help_requested,
     options,
-    own_keys,
+    parse_with_overrides,
     subcommand,
 )
 from ftctl.core.errors import ConfigError
@@ -82,21 +82,13 @@ def run_runs(r: RunsArgs, debug: bool) -> int:
 
 
 # ----------------------------------------------------------------------------- plan
-@dataclass
-class PlanArgs:
-    options: Any  # ftctl.experiments.plan.PlanConfig
-    overrides: list[str] = field(default_factory=list)  # the training config's keys (recipe=, peft.r=, ...)
-
-
-def parse_plan(args: list[str]) -> PlanArgs:
+def parse_plan(args: list[str]) -> WithOverrides:
     from ftctl.experiments.plan import PlanConfig
 
-    help_requested(args)
-    own, rest = own_keys(PlanConfig, args)
-    return PlanArgs(options(PlanConfig, own, "plan"), rest)
+    return parse_with_overrides(PlanConfig, args, "plan")
 
 
-def check_plan(p: PlanArgs) -> None:
+def check_plan(p: WithOverrides) -> None:
     """The strategy's name, and the config the plan composes (run=: the run's own, which takes no overrides)."""
     from ftctl.config.choices import STRATEGIES
 
@@ -109,7 +101,7 @@ def check_plan(p: PlanArgs) -> None:
     compose_overrides(p.overrides)
 
 
-def run_plan(p: PlanArgs, debug: bool) -> int:
+def run_plan(p: WithOverrides, debug: bool) -> int:
     from ftctl.core.console import make_console
     from ftctl.experiments.plan import plan
 

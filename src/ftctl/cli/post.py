@@ -1,11 +1,16 @@
 """After training: ftctl merge, quantize, generate and chat."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from ftctl.cli.args import Command, compose_overrides, help_requested, options, own_keys
+from ftctl.cli.args import (
+    Command,
+    WithOverrides,
+    compose_overrides,
+    help_requested,
+    options,
+    parse_with_overrides,
+)
 
 
 # ----------------------------------------------------------------------------- merge
@@ -25,21 +30,13 @@ def run_merge(mcfg, debug: bool) -> int:
 
 
 # ----------------------------------------------------------------------------- quantize
-@dataclass
-class QuantizeArgs:
-    options: Any  # ftctl.post.quantize.QuantizeConfig
-    overrides: list[str] = field(default_factory=list)  # the training config's keys (recipe=, data.path=, ...)
-
-
-def parse_quantize(args: list[str]) -> QuantizeArgs:
+def parse_quantize(args: list[str]) -> WithOverrides:
     from ftctl.post.quantize import QuantizeConfig
 
-    help_requested(args)
-    own, rest = own_keys(QuantizeConfig, args)
-    return QuantizeArgs(options(QuantizeConfig, own, "quantize"), rest)
+    return parse_with_overrides(QuantizeConfig, args, "quantize")
 
 
-def check_quantize(q: QuantizeArgs) -> None:
+def check_quantize(q: WithOverrides) -> None:
     """The method's name, and the held-out rows' config as the run composes it."""
     from ftctl.post.quantize import QUANTIZERS
 
@@ -49,7 +46,7 @@ def check_quantize(q: QuantizeArgs) -> None:
     compose_overrides(list(q.overrides) + [f"model.path={src}", "quant=none"])
 
 
-def run_quantize(q: QuantizeArgs, debug: bool) -> int:
+def run_quantize(q: WithOverrides, debug: bool) -> int:
     from ftctl.core.console import make_console
     from ftctl.post.quantize import quantize
 
