@@ -193,10 +193,8 @@ def test_placeholders_are_recognised():
 
 # ----------------------------------------------------------------------------- the commands compose
 def _ftctl_error() -> type[Exception]:
-    try:
-        from ftctl.core.errors import FtctlError
-    except ImportError:  # before errors moved into ftctl.core
-        from ftctl.errors import FtctlError
+    from ftctl.core.errors import FtctlError
+
     return FtctlError
 
 
