@@ -111,8 +111,7 @@ def check_package(src: Path) -> Path:
     return where
 
 
-# ftctl's own resolver of ``builtin:<name>`` (models.resolve before the refactor; looked for in the places it may
-# move to, so that this test keeps working while the package is reorganised)
+# ftctl's own resolver of ``builtin:<name>``: ftctl.models.load.resolve here, ftctl.models.resolve in 0a904ef
 RESOLVE = """import importlib
 for where in ("ftctl.models.load", "ftctl.models"):  # this checkout; 0a904ef (where the fixture is recorded)
     try:
