@@ -3,11 +3,13 @@ read, which head the model gets, how the adaptation method wraps it, which objec
 manifest records, and what is scored when training ends."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from ftctl.data import pipeline
 from ftctl.objectives.spec import BuildContext, objective_spec
 
 
-class Task:
+class Task(ABC):
     name = "generate"
 
     def build_data(self, cfg, tokenizer):
@@ -32,9 +34,9 @@ class Task:
         """What trains, for the start line."""
         return f"method={cfg.peft.method}"
 
+    @abstractmethod
     def adapt(self, model, cfg, *, quantized: bool, steps: int, model_path):
         """The model wrapped by the adaptation method."""
-        raise NotImplementedError
 
     def fits_without_steps(self, cfg) -> bool:
         """True where the task trains without gradient steps (classify.strategy=features)."""
