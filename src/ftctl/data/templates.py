@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,23 +91,24 @@ def _answer(prompt: str, completion: str) -> Rendered:
                     prompt=prompt, reference=completion)
 
 
-class Template:
+class Template(ABC):
     """A registered template. Called like a function, it renders a row for training: ``alpaca(row)``."""
 
     def __call__(self, row: dict, ctx: Context | None = None) -> Rendered | Pair:
         return self.render(row, ctx)
 
+    @abstractmethod
     def render(self, row: dict, ctx: Context | None = None) -> Rendered | Pair:
         """The row's training text, in segments (its ``prompt`` is ``self.prompt(row, ctx)``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def prompt(self, row: dict, ctx: Context | None = None) -> str:
         """The text generation is conditioned on for this row: its training text minus the answer."""
-        raise NotImplementedError
 
     def question(self, text: str, ctx: Context | None, system: str | None, history: list | None) -> dict:
-        """A row that asks ``text`` (after ``history``, a list of user/assistant messages), as training saw rows."""
-        raise NotImplementedError
+        """A row that asks ``text`` (after ``history``, a list of user/assistant messages), as training saw rows;
+        what the default ``inference_prompt`` renders (a template that overrides that need not say)."""
+        raise NotImplementedError(f"{type(self).__name__} renders its inference prompt itself")
 
     def inference_prompt(self, text: str, ctx: Context | None = None, system: str | None = None,
                          history: list | None = None) -> str:
