@@ -2,10 +2,12 @@
 the value, what is allowed, and the recipe file and line where the key was set."""
 from __future__ import annotations
 
+import math
+import os
 import re
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ftctl.config.checks import check_distributed, check_logging
 from ftctl.config.choices import CHOICES, allowed
@@ -176,6 +178,81 @@ def _check_ranges(cfg: DictConfig, files) -> None:
         raise ConfigError(f"resume={r!r} must be true, false or a checkpoint path")
 
 
+# the keys that hold a file or folder path (data.mix[*].path and a resume path are handled beside them)
+PATH_KEYS = ("output_dir", "model.path", "model.adapter", "data.path", "data.val_path", "data.test_path",
+             "distributed.deepspeed_config")
+# groups whose float keys must be finite numbers (a NaN passes every `<` and `>` check)
+FINITE_GROUPS = ("trainer", "peft", "dpo", "data", "classify", "eval", "launcher")
+
+
+def expand_paths(cfg: DictConfig) -> None:
+    """``~`` at the start of every path key becomes the home folder, once, here (so a run never makes a folder
+    literally named ``~``); names that are not paths (builtin:, hub ids, resume=true) are left as they are."""
+    def expand(value):
+        return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+    with open_dict(cfg):
+        for key in PATH_KEYS:
+            value = OmegaConf.select(cfg, key, default=None)
+            if expand(value) is not value:
+                OmegaConf.update(cfg, key, expand(value), merge=False)
+        for m in cfg.data.get("mix") or []:
+            if "path" in m and not OmegaConf.is_missing(m, "path"):
+                m.path = expand(m.path)
+        cfg.resume = expand(cfg.get("resume"))
+
+
+def _check_finite(cfg: DictConfig, files) -> None:
+    """No NaN or infinity where a number is needed."""
+    for group in FINITE_GROUPS:
+        for k, v in (cfg.get(group) or {}).items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{locate(k, files)}{group}.{k}={v!r} must be a finite number")
+    for i, m in enumerate(cfg.data.get("mix") or []):
+        if isinstance(m.get("weight"), float) and not math.isfinite(m.weight):
+            raise ConfigError(f"{locate('weight', files)}data.mix[{i}].weight={m.weight!r} must be a finite number")
+
+
+def _check_counts(cfg: DictConfig, files) -> None:
+    """Row limits (null: all rows), thread count (null or 0: all cores) and the warmup fraction."""
+    for key in ("data.limit", "eval.limit"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{locate(key, files)}{key}={value!r} must be > 0 (null: all rows)")
+    _positive(cfg, "trainer.eval_max_rows", files)
+    threads = cfg.trainer.num_threads
+    if threads is not None and threads < 0:
+        raise ConfigError(f"{locate('num_threads', files)}trainer.num_threads={threads!r} must be >= 0 "
+                          "(null: all cores)")
+    if not 0 <= cfg.trainer.warmup_ratio <= 1:
+        raise ConfigError(f"{locate('warmup_ratio', files)}trainer.warmup_ratio={cfg.trainer.warmup_ratio!r} "
+                          "must be in [0, 1]")
+
+
+def _repo_root() -> Path | None:
+    """The checkout ftctl runs from (an editable install), else None."""
+    import ftctl
+
+    root = Path(ftctl.__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def check_output_dir(cfg: DictConfig, files=()) -> None:
+    """output_dir is a run folder of its own: never /, the home folder, ftctl's checkout or the current folder
+    itself (a run writes config.yaml, model/ and more there, and overwrite=true removes them); a subfolder is fine."""
+    if not cfg.output_dir:
+        return
+    out = Path(cfg.output_dir).resolve()
+    refused = {Path("/").resolve(): "the filesystem root", Path.home().resolve(): "the home folder",
+               Path.cwd().resolve(): "the current folder"}
+    root = _repo_root()
+    if root is not None:
+        refused.setdefault(root, "ftctl's repository")
+    if out in refused:
+        raise ConfigError(f"{locate('output_dir', files)}output_dir={cfg.output_dir}: refusing to write a run into "
+                          f"{refused[out]} itself; choose a folder of its own, e.g. output_dir={out / 'runs' / 'my-run'}")
+
+
 def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
     """Allowed values (the table in ftctl.config.choices), combinations and ranges: the first problem as one
     ConfigError line naming the key, the value and the recipe file:line that set it."""
@@ -185,6 +262,9 @@ def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{', '.join(missing)}: required but not set (e.g. {missing[0]}=...)")
+    expand_paths(cfg)
+    _check_finite(cfg, files)
+    check_output_dir(cfg, files)
     check_choices(cfg, files)
     _check_peft(cfg, files)
     _check_data_and_eval(cfg, files)
@@ -193,3 +273,4 @@ def validate(cfg: DictConfig, files: list[Path] = ()) -> None:
     _check_task(cfg, files)
     check_logging(cfg, lambda key: locate(key, files))
     _check_ranges(cfg, files)
+    _check_counts(cfg, files)

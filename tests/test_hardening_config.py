@@ -1,0 +1,117 @@
+"""Hardening: a recipe is untrusted input. Each bad value gets one line naming the key and the value, exit
+status 2, before a model loads (the corpus of tests/test_bad_inputs.py, extended)."""
+import os
+import time
+from pathlib import Path
+
+import pytest
+from conftest import compose, run_cli
+
+from ftctl.core.errors import ConfigError, DataError
+
+TINY = ["model=tiny_llama", "data.limit=16", "trainer.batch_size=4", "trainer.eval_every=0", "trainer.max_steps=1"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _one_line(r):
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------- 1. values checked
+@pytest.mark.parametrize("override, expect", [
+    ("trainer.lr=nan", "trainer.lr=nan must be a finite number"),
+    ("trainer.lr=inf", "trainer.lr=inf must be a finite number"),
+    ("trainer.lr=-inf", "trainer.lr=-inf must be a finite number"),
+    ("trainer.epochs=nan", "trainer.epochs=nan must be a finite number"),
+    ("trainer.weight_decay=nan", "trainer.weight_decay=nan must be a finite number"),
+    ("trainer.max_grad_norm=inf", "trainer.max_grad_norm=inf must be a finite number"),
+    ("trainer.warmup_ratio=nan", "trainer.warmup_ratio=nan must be a finite number"),
+    ("peft.dropout=nan", "peft.dropout=nan must be a finite number"),
+    ("peft.loraplus_lr_ratio=inf", "peft.loraplus_lr_ratio=inf must be a finite number"),
+    ("dpo.beta=nan", "dpo.beta=nan must be a finite number"),
+    ("dpo.label_smoothing=nan", "dpo.label_smoothing=nan must be a finite number"),
+    ("dpo.simpo_gamma=inf", "dpo.simpo_gamma=inf must be a finite number"),
+    ("classify.C=nan", "classify.C=nan must be a finite number"),
+    ("data.val_fraction=nan", "data.val_fraction=nan must be a finite number"),
+    ("trainer.num_threads=-1", "trainer.num_threads=-1 must be >= 0"),
+    ("data.limit=0", "data.limit=0 must be > 0 (null: all rows)"),
+    ("data.limit=-5", "data.limit=-5 must be > 0 (null: all rows)"),
+    ("trainer.eval_max_rows=0", "trainer.eval_max_rows=0 must be > 0"),
+    ("trainer.eval_max_rows=-3", "trainer.eval_max_rows=-3 must be > 0"),
+    ("eval.limit=0", "eval.limit=0 must be > 0 (null: all rows)"),
+    ("trainer.warmup_ratio=2", "trainer.warmup_ratio=2.0 must be in [0, 1]"),
+    ("trainer.warmup_ratio=-0.5", "trainer.warmup_ratio=-0.5 must be in [0, 1]"),
+])
+def test_bad_values_are_refused_at_composition(override, expect):
+    with pytest.raises(ConfigError) as e:
+        compose(*TINY, override)
+    assert expect in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_values_that_stay_allowed():
+    cfg, _ = compose(*TINY, "data.limit=null", "trainer.num_threads=0", "trainer.warmup_ratio=1",
+                     "trainer.warmup_ratio=0", "eval.limit=null", "trainer.max_grad_norm=0")
+    assert cfg.data.limit is None and cfg.trainer.num_threads == 0 and cfg.eval.limit is None
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("trainer.lr=nan", "trainer.lr=nan must be a finite number"),
+    ("data.limit=0", "data.limit=0 must be > 0"),
+])
+def test_bad_values_one_line_exit_2(tmp_path, override, expect):
+    out = tmp_path / "run"
+    r = run_cli("train", *TINY, override, f"output_dir={out}")
+    assert r.returncode == 2 and expect in _one_line(r)
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- 2. ~ in paths
+def test_tilde_is_expanded_in_every_path_key(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "ds").mkdir(parents=True)
+    (home / "ds.json").write_text('{"train_batch_size": "auto"}')
+    monkeypatch.setenv("HOME", str(home))
+    cfg, _ = compose(*TINY, "output_dir=\"~/x\"", "data.path=\"~/rows.jsonl\"", "data.val_path=\"~/val.jsonl\"",
+                     "data.test_path=\"~/test.jsonl\"", "model.adapter=\"~/run/adapter\"", "resume=\"~/ck\"",
+                     "+data.mix=[{path: \"~/mix.jsonl\"}]")
+    assert cfg.output_dir == f"{home}/x"
+    assert cfg.data.path == f"{home}/rows.jsonl"
+    assert cfg.data.val_path == f"{home}/val.jsonl" and cfg.data.test_path == f"{home}/test.jsonl"
+    assert cfg.model.adapter == f"{home}/run/adapter"
+    assert cfg.resume == f"{home}/ck"
+    assert cfg.data.mix[0].path == f"{home}/mix.jsonl"
+    cfg, _ = compose(*TINY, "model.path=\"~/ds\"", "distributed=zero2", "distributed.deepspeed_config=\"~/ds.json\"")
+    assert cfg.model.path == f"{home}/ds" and cfg.distributed.deepspeed_config == f"{home}/ds.json"
+    # names that are not paths stay as they are
+    cfg, _ = compose(*TINY, "resume=true")
+    assert cfg.resume is True and cfg.model.path == "builtin:tiny_llama"
+
+
+# ---------------------------------------------------------------------------- 3. output_dir that is no run folder
+@pytest.mark.parametrize("where", ["/", "home", "repo", "cwd", "cwd_dot"])
+def test_output_dir_refuses_root_home_repo_and_cwd(tmp_path, monkeypatch, where):
+    home = tmp_path / "home"
+    home.mkdir()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    value = {"/": "/", "home": str(home), "repo": str(ROOT), "cwd": str(cwd), "cwd_dot": "."}[where]
+    with pytest.raises(ConfigError, match=r"output_dir=.*: refusing to write a run into"):
+        compose(*TINY, f"output_dir={value}")
+    # a subfolder of any of them is fine
+    sub = {"/": "/tmp/ftctl-sub", "cwd_dot": "./sub"}.get(where, f"{value}/sub")
+    cfg, _ = compose(*TINY, f"output_dir={sub}")
+    assert cfg.output_dir == sub
+
+
+def test_output_dir_home_via_tilde_is_refused_before_anything_is_written(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    r = run_cli("train", *TINY, "output_dir=\"~\"", env={"HOME": str(home)}, cwd=tmp_path)
+    assert r.returncode == 2
+    assert f"output_dir={home}: refusing to write a run into the home folder" in _one_line(r)
+    assert sorted(p.name for p in home.iterdir() if p.name not in (".cache", ".config")) == []
