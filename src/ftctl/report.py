@@ -14,6 +14,7 @@ Plots (matplotlib's Agg renderer; each written atomically, only those the run ha
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
@@ -26,9 +27,10 @@ from pathlib import Path
 from typing import Optional
 
 from ftctl import __version__
+from ftctl.core import lock
 from ftctl.core.atomic import atomic_file, atomic_write_text
+from ftctl.core.console import printable
 from ftctl.core.errors import ConfigError, RunDirError
-from ftctl.rundir import read_manifest, read_metrics
 
 log = logging.getLogger("ftctl")
 
@@ -42,8 +44,87 @@ COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e3
 @dataclass
 class ReportConfig:
     run: Optional[str] = None  # a run directory, or a sweep folder (multirun/<recipe>/<time>)
-    output: Optional[str] = None  # default <run>/report.html
+    output: Optional[str] = None  # default <run>/report.html (and plots/); a file elsewhere: that file alone
+    overwrite: bool = False  # replace an existing output= file
     examples: int = 5  # example predictions shown per eval result
+
+
+# ----------------------------------------------------------------------------- reading a run (untrusted files)
+TEXT, NUMBER, OBJECT = (str,), (int, float), (dict,)
+# the manifest's fields that ftctl reads, and their JSON types (null is allowed for each)
+MANIFEST_TYPES = {
+    **dict.fromkeys(("status", "recipe", "peft_method", "error", "started", "finished", "mixed_precision",
+                     "git_commit", "ftctl_version", "device", "objective"), TEXT),
+    **dict.fromkeys(("trainable_params", "total_params", "trainable_percent", "total_steps", "train_rows",
+                     "val_rows", "seed", "final_train_loss", "final_val_loss", "train_tokens_per_s",
+                     "peak_memory_bytes", "wall_time_s"), NUMBER),
+    **dict.fromkeys(("eval", "final_val", "classify"), OBJECT),
+}
+JSON_KINDS = {dict: "an object", list: "a list", str: "text", bool: "a boolean", int: "a number", float: "a number",
+              type(None): "null"}
+
+
+def _kind(v) -> str:
+    return JSON_KINDS.get(type(v), type(v).__name__)
+
+
+def _short(v) -> str:
+    text = json.dumps(v, ensure_ascii=False, default=str)
+    return printable(text if len(text) <= 40 else text[:37] + "...")
+
+
+def _manifest_problem(man) -> str | None:
+    if not isinstance(man, dict):
+        return f"manifest.json holds a JSON {_kind(man).split()[-1]}, not an object"
+    for key, types in MANIFEST_TYPES.items():
+        v = man.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, types)):
+            want = {TEXT: "text", NUMBER: "a number", OBJECT: "an object"}[types]
+            return f"manifest.json: {key} is {_short(v)} ({_kind(v)}), expected {want}"
+    return None
+
+
+def _read_text(run: Path, name: str) -> str:
+    try:
+        return (run / name).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UnreadableRun(run, f"{name} is not UTF-8 text") from None
+    except OSError as e:
+        raise UnreadableRun(run, f"{name} cannot be read ({e.strerror or e})") from None
+
+
+class UnreadableRun(RunDirError):
+    """A run directory whose files ftctl cannot make sense of; ``reason`` says what is wrong, without the path."""
+
+    def __init__(self, run: Path, reason: str):
+        super().__init__(f"{printable(run)}: unreadable run ({printable(reason)})")
+        self.reason = printable(reason)
+
+
+def check_run(run: Path) -> tuple[dict, list[dict]]:
+    """(manifest, metrics rows) of a run directory, read as untrusted files: UnreadableRun (a RunDirError, exit 2)
+    naming the run and what is wrong when manifest.json is not a JSON object with the types ftctl writes, or a
+    line of metrics.jsonl is not an object. An undecodable line (the torn last line a killed run leaves) is skipped."""
+    run = Path(run)
+    man, rows = {}, []
+    if (run / "manifest.json").is_file():
+        try:
+            man = json.loads(_read_text(run, "manifest.json"))
+        except ValueError as e:
+            raise UnreadableRun(run, f"manifest.json is not valid JSON ({e})") from None
+        problem = _manifest_problem(man)
+        if problem:
+            raise UnreadableRun(run, problem)
+    if (run / "metrics.jsonl").is_file():
+        for n, line in enumerate(_read_text(run, "metrics.jsonl").splitlines(), 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(row, dict):
+                raise UnreadableRun(run, f"metrics.jsonl line {n} is {_kind(row)}, not an object")
+            rows.append(row)
+    return man, rows
 
 
 # ----------------------------------------------------------------------------- data
@@ -53,6 +134,7 @@ def _num(v) -> bool:
 
 def split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """(training step rows, validation rows) of metrics.jsonl."""
+    rows = [r for r in rows if isinstance(r, dict)]
     return [r for r in rows if "loss" in r and "step" in r], [r for r in rows if "val_loss" in r and "step" in r]
 
 
@@ -94,11 +176,13 @@ def read_evals(run: Path) -> list[tuple[str, dict]]:
     found = []
     for f in sorted(d.glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name)) if d.is_dir() else []:
         try:
-            rep = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
+            rep = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
             continue
         if isinstance(rep, dict) and isinstance(rep.get("results"), dict):
-            found.append((f.stem, rep))
+            results = {k: v for k, v in rep["results"].items() if isinstance(v, dict)}
+            settings = rep.get("settings") if isinstance(rep.get("settings"), dict) else {}
+            found.append((f.stem, {**rep, "results": results, "settings": settings}))
     return found
 
 
@@ -107,12 +191,14 @@ def _predictions(run: Path, name: str, n: int) -> list[dict]:
     rows = []
     if n <= 0 or not f.is_file():
         return rows
-    with open(f) as fh:
+    with open(f, encoding="utf-8", errors="replace") as fh:
         for line in fh:
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+                row = json.loads(line)
+            except ValueError:
                 continue
+            if isinstance(row, dict):
+                rows.append(row)
             if len(rows) >= n:
                 break
     return rows
@@ -125,9 +211,10 @@ def _config(run: Path) -> dict:
     import yaml
 
     try:
-        return yaml.safe_load(f.read_text()) or {}
-    except yaml.YAMLError:
+        cfg = yaml.safe_load(f.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
         return {}
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def _get(d: dict, dotted: str, default=None):
@@ -166,6 +253,12 @@ def _line(ax, xs, ys, label, color, many_points_smooth=True, **kw):
         ax.plot(xs, ys, color=color, linewidth=1.6, marker="o" if few else None, markersize=3.5, label=label, **kw)
 
 
+def _legend(ax, **kw) -> None:
+    """The axes' legend, when something on them has a label (matplotlib warns on an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+
+
 def _tokens_fmt(ax, axis: str = "x"):
     """1k, 20k, 1.5M instead of 1500000 (or 1.5e6 in the corner)."""
     from matplotlib.ticker import EngFormatter
@@ -191,7 +284,7 @@ def _loss_figure(train, val, with_tokens: bool = True):
         ax.set_ylabel("loss")
         if x == "tokens":
             _tokens_fmt(ax)
-        ax.legend(frameon=False, fontsize=8, loc="best")
+        _legend(ax, frameon=False, fontsize=8, loc="best")
     axes[0].set_title("loss against steps", fontsize=10)
     if with_tokens:
         axes[1].set_title("loss against tokens seen", fontsize=10)
@@ -217,7 +310,7 @@ def _throughput_figure(train):
     a.set_ylabel("tokens / s")
     a.set_ylim(bottom=0)
     a.set_title("training throughput", fontsize=10)
-    a.legend(frameon=False, fontsize=8)
+    _legend(a, frameon=False, fontsize=8)
     pts = [(r["time"], r["tokens"]) for r in train if _num(r.get("time")) and _num(r.get("tokens"))]
     unit, div = "seconds", 1
     if pts:
@@ -245,7 +338,7 @@ def _grad_figure(train, clip):
     ax.set_xlabel("step")
     ax.set_ylabel("norm (before clipping)")
     ax.set_title("gradient norm", fontsize=10)
-    ax.legend(frameon=False, fontsize=8, loc="best")
+    _legend(ax, frameon=False, fontsize=8, loc="best")
     return fig
 
 
@@ -263,7 +356,7 @@ def _preference_figure(train, val):
     a.set_xlabel("step")
     a.set_ylabel("implicit reward (β × log-ratio)")
     a.set_title("rewards and margin", fontsize=10)
-    a.legend(frameon=False, fontsize=8)
+    _legend(a, frameon=False, fontsize=8)
     xs, ys = _xy(train, "accuracy")
     _line(b, xs, ys, "training accuracy", COLORS[0])
     vx, vy = _xy(val, "val_accuracy")
@@ -274,7 +367,7 @@ def _preference_figure(train, val):
     b.set_xlabel("step")
     b.set_ylabel("preference accuracy")
     b.set_title("preference accuracy", fontsize=10)
-    b.legend(frameon=False, fontsize=8)
+    _legend(b, frameon=False, fontsize=8)
     return fig
 
 
@@ -338,8 +431,7 @@ def _png(fig) -> bytes:
 
 def run_figures(run: Path) -> dict:
     """{name: matplotlib Figure} for what the run has data for."""
-    rows = read_metrics(run)
-    train, val = split_rows(rows)
+    train, val = split_rows(check_run(run)[1])
     figs = {}
     if train or val:
         figs["loss"] = _loss_figure(train, val)
@@ -550,7 +642,7 @@ def _predictions_table(preds: list[dict], labels: list[str]) -> str:
         ref_txt = "\n— or —\n".join(map(str, ref)) if isinstance(ref, list) else ref
         cells = []
         for lab in shown:
-            sc = p.get(f"scores_{lab}") or {}
+            sc = p.get(f"scores_{lab}") if isinstance(p.get(f"scores_{lab}"), dict) else {}
             sc_txt = " · ".join(f"{k} {_fmt(v, 3)}" for k, v in sc.items() if _num(v))
             pred = p.get(f"prediction_{lab}")
             txt = ("" if not generated else f'<div class="txt">{_e(pred)}</div>' if pred and str(pred).strip()
@@ -597,9 +689,9 @@ def _eval_section(run: Path, evals, examples: int) -> str:
 
 def run_report_html(run: Path, examples: int = 5, figs: dict | None = None) -> str:
     run = Path(run)
-    man = read_manifest(run) or {}
+    man, rows = check_run(run)
     cfg = _config(run)
-    train, val = split_rows(read_metrics(run))
+    train, val = split_rows(rows)
     figs = run_figures(run) if figs is None else figs
     title = f"ftctl run {run.name}"
     body = [f"<h1>{_e(cfg.get('description') or title)}</h1>",
@@ -617,7 +709,7 @@ def run_report_html(run: Path, examples: int = 5, figs: dict | None = None) -> s
     body.append("<h2>Run details</h2>")
     if (run / "config.yaml").is_file():
         body.append(f'<details><summary>config.yaml</summary><pre class="block">'
-                    f'{_e((run / "config.yaml").read_text())}</pre></details>')
+                    f'{_e((run / "config.yaml").read_text(encoding="utf-8", errors="replace"))}</pre></details>')
     if man:
         body.append(f'<details><summary>manifest.json</summary><pre class="block">'
                     f'{_e(json.dumps(man, indent=2, default=str))}</pre></details>')
@@ -649,9 +741,10 @@ def trial_overrides(trial: Path) -> list[str]:
         import yaml
 
         try:
-            return [str(o) for o in (yaml.safe_load(f.read_text()) or [])]
-        except yaml.YAMLError:
-            pass
+            value = yaml.safe_load(f.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            return []
+        return [str(o) for o in value if isinstance(o, (str, int, float))] if isinstance(value, list) else []
     return []
 
 
@@ -689,12 +782,29 @@ def _read_json(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _trial_record(d: Path) -> dict:
+    """trial.json, with only the fields of the types ftctl writes (status, error, metric, direction: text;
+    overrides: a list of text)."""
+    record = _read_json(d / TRIAL_FILE)
+    out = {k: v for k, v in record.items() if k not in ("status", "error", "metric", "direction", "overrides")}
+    out.update({k: record[k] for k in ("status", "error", "metric", "direction") if isinstance(record.get(k), str)})
+    if isinstance(record.get("overrides"), list):
+        out["overrides"] = [str(o) for o in record["overrides"] if isinstance(o, (str, int, float))]
+    return out
+
+
 def read_trial(d: Path) -> dict:
     """One trial folder of a sweep: dir, manifest, record (its trial.json), overrides, status and error. The
     status is the manifest's, unless trial.json says the trial failed, was preempted or never ran (e.g.
-    eval.after_train failed after training finished)."""
+    eval.after_train failed after training finished); a trial whose files cannot be read (check_run) is
+    "unreadable", with the reason as its error."""
     d = Path(d)
-    man, record = _read_json(d / "manifest.json"), _read_json(d / TRIAL_FILE)
+    record = _trial_record(d)
+    try:
+        man = check_run(d)[0]
+    except UnreadableRun as e:
+        return {"dir": d, "manifest": {}, "record": record, "overrides": record.get("overrides") or
+                trial_overrides(d), "status": "unreadable", "error": e.reason}
     status = man.get("status") or record.get("status") or "unknown"
     if record.get("status") in ("failed", "preempted", "not run") and status in ("finished", "running"):
         status = record["status"]
@@ -751,7 +861,7 @@ def sweep_loss_figure(trials: list[dict]):
     a.set_title("training loss (lines) and validation loss (squares)", fontsize=10)
     b.set_title("against tokens seen", fontsize=10)
     if trials:
-        a.legend(frameon=False, fontsize=7, loc="upper right")
+        _legend(a, frameon=False, fontsize=7, loc="upper right")
     return fig
 
 
@@ -760,11 +870,15 @@ def _sweep_trials(trial_dirs: list[Path]) -> tuple[list[dict], list[str]]:
     trials = []
     for d in trial_dirs:
         t = read_trial(d)
-        train, val = split_rows(read_metrics(d))
+        try:
+            train, val = split_rows(check_run(d)[1])
+        except UnreadableRun:
+            train, val = [], []
         evals = read_evals(d)
         scores = dict(t["manifest"].get("eval") or {})
         if not scores and evals:
-            scores = dict(next(iter(evals[-1][1]["results"].values()), {}) or {})
+            first = next(iter(evals[-1][1]["results"].values()), {})
+            scores = dict(first) if isinstance(first, dict) else {}
         scores.pop("seconds", None)
         trials.append({**t, "man": t["manifest"], "train": train, "val": val, "overrides": trial_overrides(d),
                        "scores": {k: v for k, v in scores.items() if _num(v)}})
@@ -792,8 +906,9 @@ def _sweep_table(folder: Path, trials: list[dict], varying: list[str], metric: s
         ov = " ".join(f"<b>{_e(o)}</b>" if o.split("=", 1)[0] in varying else _e(o) for o in t["overrides"])
         last = t["train"][-1]["step"] if t["train"] else None
         cls = ' class="best"' if t["best"] else ""
+        why = f' <span class="muted">{_e(t["error"])}</span>' if t["status"] == "unreadable" else ""
         rows.append(f"<tr{cls}><td><a href=\"#trial-{_e(t['dir'].name)}\">{_e(t['dir'].relative_to(folder))}</a></td>"
-                    f"<td>{ov or '<span class=muted>(defaults)</span>'}</td><td>{_status(t['status'])}</td>"
+                    f"<td>{ov or '<span class=muted>(defaults)</span>'}</td><td>{_status(t['status'])}{why}</td>"
                     f"<td class=num>{_e(_fmt(last))}</td><td class=num>{_e(_fmt(man.get('final_train_loss')))}</td>"
                     f"<td class=num>{_e(_fmt(man.get('final_val_loss')))}</td>"
                     + "".join(f"<td class=num>{_e(_fmt(t['scores'].get(m)))}</td>" for m in metrics)
@@ -831,9 +946,50 @@ def sweep_report_html(folder: Path, trial_dirs: list[Path]) -> tuple[str, dict]:
 
 
 # ----------------------------------------------------------------------------- the command
-def report(rcfg: ReportConfig, console=None) -> Path:
-    """``ftctl report run=DIR``: plots/ and report.html for a run directory or a sweep folder."""
+def _output(rcfg: ReportConfig) -> Path | None:
+    """output=, checked before any work: not a folder, not an existing file unless overwrite=true."""
+    if not rcfg.output:
+        return None
+    out = Path(rcfg.output).expanduser()
+    if out.is_dir():
+        raise ConfigError(f"output={out} is a folder; give the file to write, e.g. output={out / 'report.html'}")
+    if out.exists() and not rcfg.overwrite:
+        raise ConfigError(f"output={out} already exists", hint="pass overwrite=true to replace it, or another output=")
+    return out
 
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+@contextlib.contextmanager
+def _writing_into(target: Path, run_dir: bool):
+    """Writing into ``target``: a run directory's lock held (one writer per run), and one line, exit 2, when it
+    is in use or cannot be written, suggesting output= elsewhere."""
+    hint = "pass output=FILE outside it to write the report elsewhere"
+    with contextlib.ExitStack() as stack:
+        if run_dir:
+            try:
+                stack.enter_context(lock.hold(target, "ftctl report"))
+            except RunDirError as e:  # another process holds the run, or its lock file cannot be made
+                if lock.holder(target) is None:
+                    raise RunDirError(f"run={target}: cannot write there ({e.message})", hint=hint) from None
+                raise RunDirError(e.message, hint=f"it is being written; {hint}") from None
+        try:
+            yield
+        except OSError as e:
+            where = e.filename or target
+            raise RunDirError(f"run={target}: cannot write there ({where}: {e.strerror or e})", hint=hint) from None
+
+
+def _write_output(out: Path, page: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, page)
+
+
+def report(rcfg: ReportConfig, console=None) -> Path:
+    """``ftctl report run=DIR``: plots/ and report.html in a run directory or a sweep folder (a run directory's
+    lock held while they are written), or with output=FILE that one file alone, nothing written into DIR."""
     if not rcfg.run:
         raise ConfigError("ftctl report needs run=<run directory or sweep folder>")
     if rcfg.examples < 0:
@@ -841,24 +997,36 @@ def report(rcfg: ReportConfig, console=None) -> Path:
     target = Path(rcfg.run).expanduser()
     if not target.is_dir():
         raise RunDirError(f"run={target}: no such folder")
-    out = Path(rcfg.output).expanduser() if rcfg.output else target / "report.html"
-    if (target / "manifest.json").is_file():
+    out = _output(rcfg)
+    run_dir = (target / "manifest.json").is_file()
+    if run_dir:
         figs = run_figures(target)
-        plots = write_plots(target, figs)
         page = run_report_html(target, rcfg.examples, figs=figs)
-        what = f"{len(plots)} plots in {target / 'plots'}"
+        what = f"{len(figs)} plots" + (f" in {target / 'plots'}" if out is None else "")
     else:
         trials = find_trials(target)
         if not trials:
             raise RunDirError(f"run={target}: not a run directory or a sweep folder (no manifest.json in it or "
                               "in its sub-folders)")
         page, figs = sweep_report_html(target, trials)
-        (target / "plots").mkdir(exist_ok=True)
-        for name, fig in figs.items():
-            save_figure(fig, target / "plots" / f"{name}.png")
         what = f"{len(trials)} trials"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, page)
+    if out is None or _inside(out, target):
+        with _writing_into(target, run_dir):
+            if out is None:
+                out = target / "report.html"
+                if run_dir:
+                    write_plots(target, figs)
+                else:
+                    (target / "plots").mkdir(exist_ok=True)
+                    for name, fig in figs.items():
+                        save_figure(fig, target / "plots" / f"{name}.png")
+            _write_output(out, page)
+    else:
+        try:
+            _write_output(out, page)
+        except OSError as e:
+            where = e.filename or out.parent
+            raise RunDirError(f"output={out}: cannot write there ({where}: {e.strerror or e})") from None
     if console is not None:
         console.print(f"wrote {out} ({what}); open it in a browser: file://{out.resolve()}", highlight=False)
     return out

@@ -17,3 +17,22 @@ def table_console(console, columns: int):
     from rich.console import Console
 
     return Console(file=console.file, width=max(console.width, 40 + 13 * columns), soft_wrap=True)
+
+
+# control characters (C0, DEL, C1) other than newline and tab: a file or a model could move the cursor,
+# clear the screen, retitle the window or write a hyperlink with them; shown escaped instead, as \x1b
+_UNPRINTABLE = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0)) if chr(c) not in "\n\t"}
+
+
+def printable(text) -> str:
+    """``text`` (anything: str() of it) safe to write to a terminal: control characters other than newline
+    and tab, escape sequences' ESC included, appear escaped (``\\x1b``) instead of acting."""
+    return str(text).translate(_UNPRINTABLE)
+
+
+def markup_safe(text) -> str:
+    """``printable(text)`` with rich markup escaped: for text read from files or written by a model that goes
+    into a string rich reads markup from (a table cell, a console.print with markup)."""
+    from rich.markup import escape
+
+    return escape(printable(text))
