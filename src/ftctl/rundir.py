@@ -26,13 +26,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ftctl.core import lock
 from ftctl.core.atomic import atomic_write_text
 from ftctl.core.errors import ConfigError, RunDirError
 from ftctl.models import load as models
 
 # everything ftctl writes at the top of a run directory; overwrite=true removes only these
 RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl", "train.log", "checkpoints", "adapter", "model", "eval",
-             "plots", "report.html", "tensorboard", "mlflow.db", "mlruns", "wandb", "tracking.json")
+             "plots", "report.html", "tensorboard", "mlflow.db", "mlruns", "wandb", "tracking.json", "launch",
+             "classifier", "merged")
 
 
 def read_manifest(run_dir: Path) -> dict | None:
@@ -53,16 +55,31 @@ def read_config(run_dir: Path):
     return OmegaConf.load(f) if f.is_file() else None
 
 
-def open_run(run_dir) -> Run:
+def open_run(run_dir, *, trust_remote_code: bool = False) -> Run:
     """A finished run directory, opened (manifest, config, its folders, its models); RunDirError naming
-    what is wrong otherwise. Every command that reads a finished run (eval, merge, chat, generate) opens it here."""
+    what is wrong otherwise. Every command that reads a finished run (eval, merge, chat, generate) opens it here.
+
+    A saved file never turns on remote code: model.trust_remote_code is what the command line says
+    (``trust_remote_code``), whatever the run's config.yaml holds."""
+    import sys
+
+    from omegaconf import open_dict
+
     run = Path(run_dir)
     manifest = read_manifest(run)
-    if manifest is None or not (run / "config.yaml").is_file():
+    if not isinstance(manifest, dict) or not (run / "config.yaml").is_file():
         raise RunDirError(f"run={run}: not a run directory (no manifest.json/config.yaml)")
     if manifest.get("status") != "finished":
         raise RunDirError(f"run={run}: the run is {manifest.get('status')}, not finished")
-    return Run(run, manifest, read_config(run))
+    config = read_config(run)
+    saved = bool(config.get("model", {}).get("trust_remote_code", False))
+    if saved and not trust_remote_code:
+        print(f"ftctl: note: {run} was trained with model.trust_remote_code=true; it stays off here (a saved file "
+              "does not turn it on): pass trust_remote_code=true to run the model folder's Python code",
+              file=sys.stderr)
+    with open_dict(config):
+        config.model.trust_remote_code = bool(trust_remote_code)
+    return Run(run, manifest, config)
 
 
 def bare_config(dtype: str = "auto"):
@@ -208,32 +225,125 @@ def default_output_dir(recipe: str | None) -> Path:
     return out
 
 
+# names that do not make a folder someone else's: the lock, a sweep trial's record and Hydra's folder in it, a
+# multi-process run's launch/ (its launcher writes it before the workers start)
+OWN_EXTRA = (lock.LOCK_FILE, "trial.json", ".hydra", "launch")
+
+
+def is_run(folder: Path) -> bool:
+    """Whether ``folder`` is an ftctl run: its manifest.json is ftctl's, or it holds checkpoints ftctl wrote
+    (checkpoints/step-*/checkpoint.json); a folder that merely has a checkpoints/ directory is not."""
+    manifest = read_manifest(folder)
+    if isinstance(manifest, dict) and "ftctl_version" in manifest:
+        return True
+    return any((folder / "checkpoints").glob("step-*/checkpoint.json"))
+
+
+def _foreign(out: Path) -> list[str]:
+    """What a folder holds besides the names ftctl may leave in a folder it is about to use."""
+    try:
+        return sorted(p.name for p in out.iterdir() if p.name not in OWN_EXTRA)
+    except OSError:
+        return []
+
+
 def prepare_output_dir(out: Path, *, overwrite: bool, resume: bool, dry_run: bool = False) -> None:
-    """Refuse to clobber a finished run; on overwrite=true remove only what ftctl wrote.
-    ``dry_run`` only checks, so a refusal comes before any slow work."""
-    manifest = read_manifest(out)
-    if resume:
-        if not dry_run:
-            _mkdir(out)
+    """Check ``out`` for a new run, and (unless ``dry_run``, which only checks, so that a refusal comes before any
+    slow work) take it: create it, lock it (one writer: ftctl.core.lock) and mark it as a run. Refused: a run that
+    is there (unless overwrite=true or resume=true), and a non-empty folder that is not an ftctl run, whatever
+    overwrite says; overwrite=true removes only what ftctl wrote (``remove_run_files``)."""
+    out = Path(out)
+    if lock.inherited(out):  # a worker of a multi-process run: its launcher checked and holds the folder
+        return None if dry_run else _mkdir(out)
+    who = lock.holder(out) if out.is_dir() else None
+    if who:
+        raise RunDirError(f"output_dir {out} is in use by {who}: one writer per run directory",
+                          hint="wait for it to finish, or stop it; its checkpoints are kept")
+    if not resume:
+        _check_reuse(out, overwrite)
+    if dry_run:
         return
-    if manifest is not None or (out / "checkpoints").is_dir():
-        status = (manifest or {}).get("status", "unfinished")
+    _mkdir(out)
+    lock.acquire(out, "ftctl train")
+    if not resume:
+        if is_run(out):  # overwrite=true (checked above)
+            remove_run_files(out)
+        atomic_write_text(out / "manifest.json", json.dumps(
+            {"ftctl_version": _version(), "command": "train", "status": "starting"}, indent=2) + "\n")
+
+
+def _check_reuse(out: Path, overwrite: bool) -> None:
+    """Refuse a folder a new run may not take: a run (unless overwrite), or a non-empty folder that is not a run."""
+    if not out.exists():
+        return
+    if not is_run(out):
+        foreign = _foreign(out) if out.is_dir() else [out.name]
+        if foreign:
+            raise RunDirError(f"output_dir {out} is not empty and is not an ftctl run (it holds "
+                              f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})",
+                              hint="ftctl writes a run only into a new or empty folder; choose another output_dir")
+    elif not overwrite:
+        status = (read_manifest(out) or {}).get("status", "unfinished")
+        what = "a finished run" if status == "finished" else f"a run ({status})"
+        raise RunDirError(f"output_dir {out} already holds {what}",
+                          hint="pass overwrite=true to replace it, resume=true to continue it, or choose another "
+                               "output_dir")
+
+
+def run_containing(path: Path, levels: int = 3) -> Path | None:
+    """The run directory ``path`` is (or is inside, up to ``levels`` folders up), or None."""
+    p = Path(path).expanduser().resolve()
+    for folder in [p, *p.parents][:levels + 1]:
+        if folder.is_dir() and is_run(folder):
+            return folder
+    return None
+
+
+def check_output_folder(out: Path, sources: list[Path], marker: str, overwrite: bool,
+                        allowed_inside: Path | None = None) -> Path:
+    """The output folder of ftctl merge or quantize, checked: not equal to, inside, or containing a source (the
+    run or model folder read), except ``allowed_inside`` (ftctl's own place, e.g. <run>/merged); an existing
+    non-empty folder only if it is one ftctl wrote (it holds ``marker``) and overwrite=true. RunDirError otherwise."""
+    out = Path(out).expanduser()
+    res = out.resolve()
+    for src in sources:
+        s = Path(src).expanduser().resolve()
+        inside_ok = allowed_inside is not None and res == Path(allowed_inside).expanduser().resolve()
+        if res == s or (s in res.parents and not inside_ok):
+            raise RunDirError(f"output={out}: is {'the' if res == s else 'inside the'} folder it is made from ({s}); "
+                              "choose an output folder outside it")
+        if res in s.parents:
+            raise RunDirError(f"output={out}: contains the folder it is made from ({s}); choose another output folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not (out / marker).is_file():
+            raise RunDirError(f"output={out} already exists and was not written by ftctl (no {marker}); "
+                              "choose a new or empty folder")
         if not overwrite:
-            what = "a finished run" if status == "finished" else f"a run ({status})"
-            raise RunDirError(
-                f"output_dir {out} already holds {what}",
-                hint="pass overwrite=true to replace it, resume=true to continue it, or choose another output_dir",
-            )
-        if dry_run:
-            return
-        for name in RUN_FILES:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    if not dry_run:
-        _mkdir(out)
+            raise RunDirError(f"output={out} already exists; choose another output= or pass overwrite=true")
+    return out
+
+
+def _version() -> str:
+    from ftctl import __version__
+
+    return __version__
+
+
+def remove_run_files(out: Path) -> None:
+    """Remove what ftctl wrote at the top of a run (``RUN_FILES``), and nothing else: in checkpoints/ only
+    the checkpoints with ftctl's checkpoint.json; a symbolic link is removed, never followed."""
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+        elif name == "checkpoints" and p.is_dir():
+            for ckpt in p.glob("step-*"):
+                if (ckpt / "checkpoint.json").is_file() and not ckpt.is_symlink():
+                    shutil.rmtree(ckpt)
+            if not any(p.iterdir()):
+                p.rmdir()
+        elif p.is_dir():
+            shutil.rmtree(p)
 
 
 def _mkdir(out: Path) -> None:

@@ -76,9 +76,23 @@ def check(t: TrainArgs) -> None:
         compose("train", t.overrides)
 
 
+def warn_destinations(overrides: list[str], console) -> None:
+    """Network addresses that come from a recipe file (not the command line or the environment), said before
+    anything is sent there."""
+    from ftctl.config.compose import prepare_overrides, recipe_destinations
+
+    for d in recipe_destinations(prepare_overrides(overrides)):
+        console.print(f"ftctl: note: a network address comes from a recipe file, not from you: {d}; the run "
+                      "sends data there if it uses that key; give it on the command line to make it yours",
+                      style="yellow", markup=False,
+                      highlight=False)
+
+
 def run(t: TrainArgs, debug: bool) -> int:
     from ftctl.core.console import make_console
 
+    if not t.print_cfg:
+        warn_destinations(t.overrides, make_console())
     if t.multirun:
         check_sweep(t.overrides)
         from ftctl.experiments.sweep import multirun as run_sweep

@@ -98,10 +98,148 @@ def recipe_search_path() -> str:
 
 
 def prepare_overrides(overrides: list[str]) -> list[str]:
-    """Command-line overrides as Hydra takes them: ``recipe=file.yaml`` resolved, keys checked."""
+    """Command-line overrides as Hydra takes them: ``recipe=file.yaml`` resolved, keys checked, Hydra's own
+    settings limited to the allow-list, and every recipe named checked as untrusted data (``check_recipe``)."""
     overrides = _prepare_recipe_override(list(overrides))
+    check_hydra_overrides(overrides)
     check_override_keys(overrides)
+    for name in recipe_names(overrides):
+        f = _find_recipe_file(name)
+        if f is not None:
+            check_recipe(f)
     return overrides
+
+
+# ----------------------------------------------------------------------------- untrusted recipes
+# Hydra settings a command line may give (a sweep's search and where its trials run), and nothing else:
+# hydra.job.env_set, hydra.callbacks, hydra.output_subdir, hydra.run.dir, hydra.searchpath... are refused
+HYDRA_CHOICES = ("hydra/sweeper", "hydra/sweeper/sampler", "hydra/launcher")
+HYDRA_KEYS = ("hydra.sweeper.", "hydra.launcher.")
+HYDRA_VALUES = ("hydra.sweep.dir",)
+# a recipe's defaults list may choose options of ftctl's own groups (from configs/), nothing else
+_RESOLVER = re.compile(r"\$\{\s*([\w.\-]+)\s*:")
+
+
+def check_hydra_overrides(overrides: list[str]) -> None:
+    """Only the allow-list of Hydra settings (sweeper, sampler and launcher choice and their parameters, and
+    hydra.sweep.dir) is accepted on the command line; ConfigError (exit 2) for anything else under hydra."""
+    for o in overrides:
+        key = o.lstrip("+~").split("=", 1)[0].strip()
+        if not (key == "hydra" or key.startswith(("hydra.", "hydra/"))):
+            continue
+        if not o.startswith("~") and "=" in o and (key in HYDRA_CHOICES or key in HYDRA_VALUES
+                                                    or key.startswith(HYDRA_KEYS)):
+            continue
+        raise ConfigError(f"{o}: refused; of Hydra's settings ftctl takes only {', '.join(c + '=' for c in HYDRA_CHOICES)},"
+                          f" {', '.join(k + '*' for k in HYDRA_KEYS)} and hydra.sweep.dir= on the command line")
+
+
+def recipe_names(overrides: list[str]) -> list[str]:
+    """The recipe names an override list chooses (``recipe=a``, or a sweep's ``recipe=a,b`` / ``choice(a,b)``)."""
+    names = []
+    for o in overrides:
+        if o.lstrip("+").startswith("recipe="):
+            value = o.split("=", 1)[1]
+            value = re.sub(r"^\s*\w+\((.*)\)\s*$", r"\1", value)  # choice(a,b), range(...)
+            names += [v.strip().strip("'\"") for v in value.split(",") if v.strip()]
+    return names
+
+
+def _recipe_line(text: str, pattern: str) -> int:
+    for n, line in enumerate(text.splitlines(), 1):
+        if re.search(pattern, line):
+            return n
+    return 1
+
+
+def check_recipe(f: Path) -> None:
+    """A recipe file is data: it may set ftctl's keys and choose options of ftctl's groups, and nothing
+    else. Refused, with file:line: a ``hydra`` key (job.env_set, callbacks, output_subdir... would run or write
+    anything), a package other than ``_global_``, a defaults entry that is not ``[override] /<group>: <option>``
+    of ftctl's groups (hydra/..., another file, a package with @), and a resolver (``${oc.env:...}`` reads the
+    environment; only plain interpolations like ``${trainer.lr}`` are kept)."""
+    import yaml
+
+    text = f.read_text()
+    m = re.search(r"^#\s*@package\s+(\S+)", text, re.M)
+    if m and m.group(1) != "_global_":
+        raise ConfigError(f"{f}:{_recipe_line(text, '@package')}: '# @package {m.group(1)}' refused; a recipe sets "
+                          "keys at the top level (# @package _global_)")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(f"{f}:{mark.line + 1 if mark else 1}: not valid YAML "
+                          f"({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"{f}:1: a recipe must be a mapping of keys, not {type(data).__name__}")
+    for key in data:
+        if str(key).split(".")[0].split("/")[0] == "hydra":
+            line = _recipe_line(text, "^" + re.escape(str(key)) + r"\s*:")
+            raise ConfigError(f"{f}:{line}: {key}: refused; a recipe "
+                              "may not set Hydra's settings (sweeper and launcher choices go on the command line)")
+    _check_recipe_defaults(f, text, data.get("defaults"))
+    _check_resolvers(f, text, data, "")
+
+
+def _check_recipe_defaults(f: Path, text: str, defaults) -> None:
+    if defaults is None:
+        return
+    if not isinstance(defaults, list):
+        raise ConfigError(f"{f}:{_recipe_line(text, '^defaults')}: defaults must be a list")
+    for entry in defaults:
+        if entry == "_self_":
+            continue
+        ok = isinstance(entry, dict) and len(entry) == 1
+        if ok:
+            (key, value), = entry.items()
+            group = re.sub(r"^(override\s+)?/?", "", str(key).strip())
+            ok = group in GROUPS and isinstance(value, str) and "@" not in str(key) and re.fullmatch(r"[\w.\-]+", value)
+        if not ok:
+            shown = entry if not isinstance(entry, dict) else ", ".join(f"{k}: {v}" for k, v in entry.items())
+            raise ConfigError(f"{f}:{_recipe_line(text, re.escape(str(shown).split(':')[0].strip()))}: defaults entry "
+                              f"'{shown}' refused; a recipe may choose only options of ftctl's groups "
+                              f"(override /<group>: <option>, group one of {', '.join(GROUPS)})")
+
+
+def _check_resolvers(f: Path, text: str, node, where: str) -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_resolvers(f, text, v, f"{where}.{k}" if where else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_resolvers(f, text, v, f"{where}[{i}]")
+    elif isinstance(node, str):
+        m = _RESOLVER.search(node)
+        if m:
+            raise ConfigError(f"{f}:{_recipe_line(text, re.escape(m.group(0)))}: {where}: '${{{m.group(1)}:...}}' "
+                              "refused; a recipe file may not call resolvers (oc.env reads your environment); "
+                              f"give the value on the command line instead ({where}=...)")
+
+
+def recipe_destinations(overrides: list[str]) -> list[str]:
+    """``key=url`` for each network address (scheme://host, other than file: and sqlite:) that a recipe file sets
+    and the command line does not: printed before anything is sent, since the recipe may come from anyone."""
+    import yaml
+
+    given = {o.lstrip("+").split("=", 1)[0] for o in overrides if "=" in o}
+    found = []
+    for name in recipe_names(overrides):
+        f = _find_recipe_file(name)
+        data = yaml.safe_load(f.read_text()) if f is not None else None
+
+        def walk(node, where):
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(v, f"{where}.{k}" if where else str(k))
+            elif isinstance(node, str) and re.match(r"^[a-zA-Z][\w+.\-]*://", node) \
+                    and not node.startswith(("file:", "sqlite:")) and where not in given:
+                found.append(f"{where}={node} (set by {f})")
+        if isinstance(data, dict):
+            walk({k: v for k, v in data.items() if k not in ("defaults", "description")}, "")
+    return found
 
 
 # ----------------------------------------------------------------------------- compose
@@ -112,9 +250,12 @@ def _schema_keys(cls) -> dict[str, Any]:
 def check_override_keys(overrides: list[str], schema=TrainConfig) -> None:
     """Catch misspelt keys on the command line with a suggestion, before Hydra does."""
     for o in overrides:
-        if o.startswith(("+", "~", "hydra.", "hydra/")) or "=" not in o:
+        if o.startswith(("~", "hydra.", "hydra/", "+hydra")) or "=" not in o:
             continue
-        key = o.split("=", 1)[0]
+        key = o.lstrip("+").split("=", 1)[0]
+        if key.split(".")[-1] in ("_target_", "_partial_", "_args_"):
+            raise ConfigError(f"{o}: refused; ftctl does not instantiate classes named in configs "
+                              "(choose methods by name, e.g. peft.method=lora)")
         parts = key.split(".")
         cls = schema
         for i, part in enumerate(parts):

@@ -27,7 +27,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from ftctl.config.compose import compose, first_trial, prepare_overrides, recipe_search_path
+from ftctl.config.compose import (
+    compose,
+    first_trial,
+    prepare_overrides,
+    recipe_search_path,
+)
 from ftctl.config.schema import register_schemas
 from ftctl.config.validate import validate
 from ftctl.core.atomic import atomic_write_json, atomic_write_text
@@ -142,8 +147,8 @@ def multirun(overrides: list[str], debug: bool = False) -> int:
 
     register_schemas()
     overrides = prepare_overrides(overrides)
-    recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), "train")
-    sweep_dir = Path(f"multirun/{recipe.replace(',', '+')}/{datetime.now():%Y%m%d-%H%M%S}")
+    sweep_dir = _sweep_dir(overrides)
+    overrides = [o for o in overrides if not o.startswith("hydra.sweep.dir=")]
     metric, direction = _sweep_metric(overrides)
     stopped: list[Exception] = []
 
@@ -162,6 +167,21 @@ def multirun(overrides: list[str], debug: bool = False) -> int:
     finally:
         sys.argv = argv
     return _sweep_exit(sweep_dir, interrupted, stopped)
+
+
+def _sweep_dir(overrides: list[str]) -> Path:
+    """hydra.sweep.dir= from the command line (a new or empty folder), else multirun/<recipe>/<time>."""
+    given = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra.sweep.dir=")), None)
+    if given is None:
+        recipe = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), "train")
+        return Path(f"multirun/{recipe.replace(',', '+')}/{datetime.now():%Y%m%d-%H%M%S}")
+    if not given.strip() or "${" in given:
+        raise ConfigError(f"hydra.sweep.dir={given}: give a plain folder (no interpolation)")
+    folder = Path(given).expanduser()
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise RunDirError(f"hydra.sweep.dir={given}: {folder} already exists and is not an empty folder",
+                          hint="choose a new folder; a sweep's trials are numbered from 0 and would mix with what is there")
+    return folder
 
 
 def _write_trial(trial_dir: Path, record: dict) -> None:

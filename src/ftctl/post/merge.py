@@ -2,21 +2,24 @@
 after checking that the merged model's logits match base + adapter."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ftctl.core import lock
 from ftctl.core.atomic import atomic_write_json, replace_folder
 from ftctl.core.device import pick_device
 from ftctl.core.errors import ConfigError, FtctlError, RunDirError
 from ftctl.data import pipeline
 from ftctl.methods.spec import peft_type_merges
 from ftctl.models.load import auto_class
-from ftctl.rundir import open_run
+from ftctl.rundir import check_output_folder, open_run
 from ftctl.tasks.classify import build_data
 
+MERGE_FILE = "ftctl-merge.json"  # what ftctl merge writes into its output folder (its proof of authorship)
 # largest |logit difference| accepted between the merged model and base + adapter, by dtype
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
 
@@ -29,6 +32,7 @@ class MergeConfig:
     overwrite: bool = False
     max_shard_size: str = "2GB"
     check_rows: int = 4  # held-out prompts whose logits are compared
+    trust_remote_code: bool = False  # run the model folder's Python code (never taken from the run's saved config)
 
 
 def _open(mcfg: MergeConfig):
@@ -38,7 +42,7 @@ def _open(mcfg: MergeConfig):
         raise ConfigError("ftctl merge needs run=<run directory>")
     if mcfg.dtype not in TOLERANCE:
         raise ConfigError(f"dtype={mcfg.dtype!r} is not allowed; choose one of: {', '.join(TOLERANCE)}")
-    run = open_run(mcfg.run)
+    run = open_run(mcfg.run, trust_remote_code=mcfg.trust_remote_code)
     if run.model_folder is not None and run.adapter is None:
         raise ConfigError(f"run={run.path} is a full fine-tune: {run.model_folder} is already a standalone model folder")
     if run.classifier is not None:
@@ -51,9 +55,11 @@ def _open(mcfg: MergeConfig):
     if not peft_type_merges(peft_type):
         raise ConfigError(f"{peft_type.lower()} adapters cannot be merged: their trained parameters are extra inputs "
                           "(virtual tokens or prompts), not changes to the base weights; use the run's adapter as is")
-    out = Path(mcfg.output) if mcfg.output else run.path / "merged"
-    if out.exists() and any(out.iterdir()) and not mcfg.overwrite:
-        raise RunDirError(f"output={out} already exists; choose another output= or pass overwrite=true")
+    out = check_output_folder(Path(mcfg.output) if mcfg.output else run.path / "merged", [run.path, run.base_path],
+                              MERGE_FILE, mcfg.overwrite, allowed_inside=run.path / "merged")
+    who = lock.holder(run.path)
+    if who:
+        raise RunDirError(f"run={run.path} is in use by {who}: merge it when that has finished")
     return run, peft_type, out
 
 
@@ -94,14 +100,15 @@ def merge(mcfg: MergeConfig, console) -> Path:
     def build(folder: Path) -> None:
         merged.save_pretrained(folder, safe_serialization=True, max_shard_size=mcfg.max_shard_size)
         tokenizer.save_pretrained(folder)
-        atomic_write_json(folder / "ftctl-merge.json", {
+        atomic_write_json(folder / MERGE_FILE, {
             "run": str(run.path), "base": str(run.base_path), "adapter": str(run.adapter), "peft_type": peft_type,
             "dtype": mcfg.dtype, "max_logit_diff": diff, "tolerance": TOLERANCE[mcfg.dtype],
             "check_prompts": int(inputs["attention_mask"].shape[0]),
             "quantized_training_base": run.config.quant.method != "none"})
 
-    with console.status(f"writing {out}"):
-        replace_folder(out, build)
+    inside = run.path.resolve() in out.resolve().parents
+    with console.status(f"writing {out}"), lock.hold(run.path, "ftctl merge") if inside else contextlib.nullcontext():
+        replace_folder(out, build)  # into the run: under its lock (one writer)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     auto_cls, _ = auto_class(run.config.model.get("kind", "causal"), run.head, labels=run.labels)
     console.print(f"[green]merged[/] in {time.time() - t0:.0f}s: {out} ({size / 2**20:.0f} MiB); "

@@ -9,6 +9,7 @@ before and after, the compression factor, and perplexity on held-out rows before
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ftctl.config.compose import compose
+from ftctl.core import lock
 from ftctl.core.atomic import atomic_write_json, replace_folder
 from ftctl.core.device import pick_device
-from ftctl.core.errors import ConfigError, FtctlError, RunDirError
+from ftctl.core.errors import ConfigError
 from ftctl.core.registry import Registry
 from ftctl.data import pipeline
 from ftctl.data.tokenize import collate
@@ -26,9 +28,10 @@ from ftctl.evaluate.generate import generate
 from ftctl.evaluate.run import perplexity
 from ftctl.models import load as models
 from ftctl.models.bitdelta import BITDELTA_FILE
-from ftctl.rundir import bare_config, load_folder
+from ftctl.rundir import bare_config, check_output_folder, load_folder, run_containing
 
 QUANTIZERS = Registry("quantize method", "ftctl.post.quantize")
+QUANTIZE_FILE = "ftctl-quantize.json"  # what ftctl quantize writes into its output folder (its proof of authorship)
 
 
 @dataclass
@@ -90,7 +93,7 @@ def _torchao(kind: str):
                                                          **({"dtype": dtype} if dtype else {}))
         except (ImportError, NotImplementedError, AssertionError, RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise FtctlError(f"method={kind}_weight_only: torchao cannot quantize on {device} here ({first}); "
+            raise ConfigError(f"method={kind}_weight_only: torchao cannot quantize on {device} here ({first}); "
                              "int4 weight-only kernels need a CUDA GPU: use int8_weight_only or nf4 on a CPU") from None
         model.save_pretrained(dst, safe_serialization=True)
     return run
@@ -204,14 +207,16 @@ def _check(qcfg: QuantizeConfig) -> tuple[Path, Path]:
     src = Path(qcfg.model).expanduser().resolve()
     if not (src / "config.json").is_file():
         raise ConfigError(f"model={src}: not a model folder (no config.json)")
+    if qcfg.method == "int4_weight_only" and pick_device().type != "cuda":  # said before any model loads
+        raise ConfigError("method=int4_weight_only needs a CUDA GPU (torchao's int4 weight-only kernels); on "
+                          f"{pick_device().type} use method=int8_weight_only or method=nf4")
     if qcfg.method == "bitdelta" and not qcfg.base:
         raise ConfigError("method=bitdelta needs base=<the base model folder the fine-tune started from>")
     if qcfg.eval_rows <= 0 or qcfg.group_size <= 0 or qcfg.calibration_steps < 0:
         raise ConfigError("eval_rows and group_size must be > 0, calibration_steps >= 0")
     out = Path(qcfg.output).expanduser() if qcfg.output else src.with_name(f"{src.name}-{qcfg.method}")
-    if out.exists() and any(out.iterdir()) and not qcfg.overwrite:
-        raise RunDirError(f"output={out} already exists; choose another output= or pass overwrite=true")
-    return src, out
+    sources = [src] + [Path(p) for p in [qcfg.base] if p] + [r for r in [run_containing(src)] if r]
+    return src, check_output_folder(out, sources, QUANTIZE_FILE, qcfg.overwrite)
 
 
 @dataclass
@@ -276,10 +281,18 @@ def _print_table(console, src: Path, out: Path, qcfg: QuantizeConfig, report: di
     console.print(f"[green]wrote[/] {out}", highlight=False)
 
 
+def _run_lock(out: Path):
+    """The lock of the run directory ``out`` is written into (one writer per run), or nothing outside a run."""
+    run_dir = run_containing(Path(out).parent)
+    return lock.hold(run_dir, "ftctl quantize") if run_dir else contextlib.nullcontext()
+
+
 def quantize(qcfg: QuantizeConfig, overrides: list[str], console) -> Path:
     """Write a quantized copy of a model folder, with ftctl-quantize.json: sizes and perplexity before and after."""
 
     src, out = _check(qcfg)
+    with _run_lock(out):  # refused at once, before the slow part, while another process writes that run
+        pass
     held = _held_out(qcfg, src, overrides)
     t0 = time.time()
     with console.status(f"perplexity of {src.name} on {len(held.rows)} held-out rows"):
@@ -297,9 +310,10 @@ def quantize(qcfg: QuantizeConfig, overrides: list[str], console) -> Path:
         if qcfg.method == "bitdelta":
             report["base"] = json.loads((folder / BITDELTA_FILE).read_text())["base"]
             report["calibration_steps"] = qcfg.calibration_steps
-        atomic_write_json(folder / "ftctl-quantize.json", report)
+        atomic_write_json(folder / QUANTIZE_FILE, report)
         shown.update(report, ppl_before=ppl_before, ppl_after=got["perplexity_after"])
 
-    replace_folder(out, build)
+    with _run_lock(out):
+        replace_folder(out, build)
     _print_table(console, src, out, qcfg, shown)
     return out

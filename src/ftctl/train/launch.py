@@ -23,11 +23,16 @@ from ftctl.config.checks import DEEPSPEED, SHARDED, world_size
 from ftctl.config.compose import check_override_keys
 from ftctl.config.schema import GROUPS, TrainConfig
 from ftctl.config.validate import validate
+from ftctl.core import lock
 from ftctl.core.atomic import atomic_write_json, atomic_write_text
 from ftctl.core.errors import ConfigError, FtctlError, Preempted
 from ftctl.rundir import default_output_dir, prepare_output_dir, read_manifest
 from ftctl.train.checkpoint import resume_arg
-from ftctl.train.distributed import deepspeed_config, deepspeed_installed, mixed_precision
+from ftctl.train.distributed import (
+    deepspeed_config,
+    deepspeed_installed,
+    mixed_precision,
+)
 
 
 def is_worker() -> bool:
@@ -78,7 +83,9 @@ def launch(cfg, choices: dict, console, debug: bool = False, dry_run: bool = Fal
                       "or launcher.nnodes, with a distributed= strategy, for more", highlight=False)
         return 0
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(choices.get("recipe"))
-    prepare_output_dir(out, overwrite=cfg.overwrite, resume=bool(resume_arg(cfg.resume)), dry_run=True)
+    first = cfg.launcher.node_rank == 0  # the first machine checks and takes the run directory they share
+    if first:
+        prepare_output_dir(out, overwrite=cfg.overwrite, resume=bool(resume_arg(cfg.resume)), dry_run=True)
     with open_dict(cfg):
         cfg.output_dir = str(out)  # every worker (and every machine) writes the same run directory
     if cfg.distributed.strategy in DEEPSPEED:  # a user's DeepSpeed JSON that disagrees stops here, not in N workers
@@ -94,6 +101,8 @@ def launch(cfg, choices: dict, console, debug: bool = False, dry_run: bool = Fal
     if dry_run:
         print(shlex.join(cmd))
         return 0
+    if first:
+        prepare_output_dir(out, overwrite=cfg.overwrite, resume=bool(resume_arg(cfg.resume)))  # taken and locked
     config_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_file, OmegaConf.to_yaml(cfg, resolve=True))
     atomic_write_json(config_file.parent / "choices.json", choices)
@@ -101,7 +110,7 @@ def launch(cfg, choices: dict, console, debug: bool = False, dry_run: bool = Fal
     la = cfg.launcher
     console.print(f"ftctl: {la.nproc_per_node} process(es) on this machine, {world_size(cfg)} in all "
                   f"(distributed={cfg.distributed.strategy}): {shlex.join(cmd)}", highlight=False, markup=False)
-    rc = _run(cmd, worker_env(cfg))
+    rc = _run(cmd, {**worker_env(cfg), **lock.held_env(out)})  # the workers write under this process's lock
     if rc:
 
         manifest = read_manifest(out) or {}
