@@ -115,3 +115,37 @@ def test_output_dir_home_via_tilde_is_refused_before_anything_is_written(tmp_pat
     assert r.returncode == 2
     assert f"output_dir={home}: refusing to write a run into the home folder" in _one_line(r)
     assert sorted(p.name for p in home.iterdir() if p.name not in (".cache", ".config")) == []
+
+
+# ---------------------------------------------------------------------------- 4. local-looking paths never go to the hub
+@pytest.mark.parametrize("spec", ["mydata/rows", "./mydata/rows", "mydata/sub/rows", "~/rows", "mydata\\rows",
+                                  "rows.jsonl"])
+def test_mistyped_local_data_path_is_no_hub_lookup(tmp_path, monkeypatch, spec):
+    from ftctl.data.sources import read_source
+
+    (tmp_path / "mydata").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # were it sent to the hub, fail fast instead of retrying
+    t = time.monotonic()
+    with pytest.raises(DataError, match=r"^data\.path: no such file: "):
+        read_source(spec, "data.path")
+    assert time.monotonic() - t < 5
+
+
+def test_hub_name_still_goes_to_the_hub(tmp_path, monkeypatch):
+    from ftctl.data.sources import read_source
+
+    monkeypatch.chdir(tmp_path)  # no folder named "owner" here: owner/name is a hub dataset
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"cannot load hub dataset 'owner/name'"):
+        read_source("owner/name", "data.path")
+
+
+def test_mistyped_local_data_path_cli_one_line(tmp_path):
+    (tmp_path / "mydata").mkdir()
+    t = time.monotonic()
+    r = run_cli("train", *TINY, "data=alpaca_file", "data.path=mydata/rows", f"output_dir={tmp_path / 'out'}",
+                cwd=tmp_path, env={"HF_DATASETS_OFFLINE": "0"})
+    assert r.returncode == 2 and "data.path: no such file: mydata/rows" in _one_line(r)
+    assert time.monotonic() - t < 60  # a hub lookup retries for ~30 s before giving up

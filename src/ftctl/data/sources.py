@@ -139,8 +139,11 @@ def _classify(spec: str, key: str) -> tuple[str, object]:
 
 
 def _looks_like_path(spec: str) -> bool:
+    """A spec meant as a local path, never sent to the hub (a hub dataset is ``name`` or ``owner/name``):
+    it starts with ., / or ~, has a backslash or more than one /, ends in a file suffix, or its first
+    component is a folder here (``data/rows`` beside a ``data/`` folder is a mistyped file, not a hub id)."""
     return (spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1
-            or spec.lower().endswith(_FILE_LIKE))
+            or spec.lower().endswith(_FILE_LIKE) or "/" in spec and Path(spec.split("/", 1)[0]).is_dir())
 
 
 def _file_format(path: Path, key: str) -> tuple[str, bool]:
