@@ -172,6 +172,11 @@ class TrainerConfig:
     # a NaN/Inf loss or gradient: stop (default; the update is not applied, the last good checkpoint
     # stays) | skip (drop that step's update and go on; skipped steps are counted in metrics.jsonl)
     on_nan: str = "stop"
+    # on_nan=skip: the most steps that may be skipped in the whole run (a count, resumed runs included); one more
+    # stops it with status 3 and the last good checkpoint kept, as on_nan=stop does. A count, not a fraction of
+    # the steps: once the weights blow up every later step is skipped, so a count stops a long run early.
+    # < 0: no limit
+    max_skipped_steps: int = 10
     # CPU memory: release (default) hands large freed tensors back to the OS at once (glibc's mmap threshold
     # fixed at 1 MiB), so peak RSS follows the live tensors instead of the allocator's cached heap | default
     cpu_allocator: str = "release"

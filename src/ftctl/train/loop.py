@@ -538,10 +538,21 @@ def _update(run: Run, step: int, step_loss: float):
             f"non-finite loss/gradient at step {done} (loss {step_loss}, training rows {rows}); the update "
             "was not applied and the last good checkpoint is kept (trainer.on_nan=skip goes on instead)")
     else:
-        run.skipped += 1
-        log.warning("step %d: non-finite loss/gradient (loss %s); update skipped", done, step_loss)
+        _skip(run, done, step_loss)
     engine.finish_step(model, run.optimizer, run.scheduler)
     return grad_norm
+
+
+def _skip(run: Run, done: int, step_loss: float) -> None:
+    """trainer.on_nan=skip: count the dropped update; more than trainer.max_skipped_steps stops the run."""
+    run.skipped += 1
+    log.warning("step %d: non-finite loss/gradient (loss %s); update skipped", done, step_loss)
+    limit = run.cfg.trainer.max_skipped_steps
+    if 0 <= limit < run.skipped:
+        raise NonFiniteError(
+            f"{run.skipped} of {done} steps skipped for a non-finite loss/gradient, more than "
+            f"trainer.max_skipped_steps={limit}; stopped at step {done}/{run.steps} and the last good checkpoint "
+            "is kept (lower trainer.lr, or raise trainer.max_skipped_steps; < 0: no limit)")
 
 
 def log_step(run: Run, r: StepResult, window: _Window, progress) -> None:
