@@ -1,6 +1,7 @@
 """`ftctl data preview`: rendered examples with trained and masked tokens told apart, then stats."""
 from __future__ import annotations
 
+from ftctl.core.console import markup_safe, printable
 from ftctl.data import pipeline
 from ftctl.data.tokenize import IGNORE_INDEX, n_trained
 from ftctl.models import load as models
@@ -35,7 +36,7 @@ def show(cfg, console, n: int = 3, split: str = "train") -> None:
     examples = sd.unpacked if sd.unpacked is not None else sd.examples
     legend = ("trained tokens in [bold green]green[/], masked tokens [dim]dimmed[/]" if console.is_terminal else
               f"trained tokens are between {OPEN} and {CLOSE}; everything else is masked")
-    console.print(f"[bold]{cfg.data.path}[/] ({split}) with template={cfg.template.name}, "
+    console.print(f"[bold]{markup_safe(cfg.data.path)}[/] ({split}) with template={markup_safe(cfg.template.name)}, "
                   f"data.train_on={cfg.data.train_on}: {legend}", highlight=False)
     for i, ex in enumerate(examples[:n]):
         _print_example(console, tokenizer, i, ex)
@@ -58,7 +59,8 @@ def _print_example(console, tokenizer, i: int, ex: dict) -> None:
         n_train = n_trained(labels)
         title = f"── example {i + 1}{' ' + label if label else ''}: {len(ids)} tokens, {n_train} trained "
         console.print(title + "─" * max(0, 60 - len(title)), highlight=False, markup=False)
-        parts = runs(tokenizer, ids, labels)
+        # control characters from the data are shown escaped (\x1b), never sent to the terminal
+        parts = [(printable(t), trained) for t, trained in runs(tokenizer, ids, labels)]
         if console.is_terminal:
             text = Text()
             for t, trained in parts:
@@ -99,10 +101,10 @@ def _print_stats(cfg, bundle, console) -> None:
             else "-")
     console.print(table)
     for line in bundle.train.mix_reports:
-        console.print(line, highlight=False, markup=False)
+        console.print(printable(line), highlight=False, markup=False)
     for s in splits:
         for bad in s.bad_examples:
-            console.print(f"skipped ({s.name}): {bad}", highlight=False, markup=False)
+            console.print(printable(f"skipped ({s.name}): {bad}"), highlight=False, markup=False)
     console.print(f"max_length={cfg.data.max_length}, overlong={cfg.data.overlong}, bad_rows={cfg.data.bad_rows}; "
                   f"tokenized data {'from the cache' if bundle.cache_misses == 0 else 'cached for next time'}",
                   highlight=False)
@@ -115,15 +117,18 @@ def _show_classify(cfg, tokenizer, console, n: int, split: str) -> None:
         bundle = build_data(cfg, tokenizer)
     sd = bundle.split(split)
     examples = bundle.train_unbalanced if split == "train" else sd.examples
-    console.print(f"[bold]{cfg.data.path}[/] ({split}), task=classify, labels {bundle.labels}", highlight=False)
+    console.print(f"[bold]{markup_safe(cfg.data.path)}[/] ({split}), task=classify, labels "
+                  f"{markup_safe(bundle.labels)}", highlight=False)
     for i, ex in enumerate(examples[:n]):
-        console.print(f"── example {i + 1}: {len(ex['input_ids'])} tokens, label {bundle.labels[ex['label']]} ──",
-                      highlight=False, markup=False)
-        console.print(tokenizer.decode(ex["input_ids"]), highlight=False, markup=False)
+        console.print(printable(f"── example {i + 1}: {len(ex['input_ids'])} tokens, label "
+                                f"{bundle.labels[ex['label']]} ──"), highlight=False, markup=False)
+        console.print(printable(tokenizer.decode(ex["input_ids"])), highlight=False, markup=False)
     for s in (bundle.train, bundle.validation, bundle.test):
         counts = {lab: sum(1 for e in (bundle.train_unbalanced if s is bundle.train else s.examples)
                            if e["label"] == k) for k, lab in enumerate(bundle.labels)}
-        console.print(f"{s.name}: {pipeline.describe(s)}; rows per label {counts}; tokens p50 {s.percentile(50)}, "
-                      f"p95 {s.percentile(95)}, max {s.percentile(100)}", highlight=False)
+        console.print(printable(f"{s.name}: {pipeline.describe(s)}; rows per label {counts}; tokens p50 "
+                                f"{s.percentile(50)}, p95 {s.percentile(95)}, max {s.percentile(100)}"),
+                      highlight=False, markup=False)
     if bundle.balance_report:
-        console.print(f"data.balance={cfg.data.balance}: {bundle.balance_report}", highlight=False)
+        console.print(printable(f"data.balance={cfg.data.balance}: {bundle.balance_report}"), highlight=False,
+                      markup=False)
