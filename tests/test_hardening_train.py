@@ -53,3 +53,41 @@ def test_on_nan_skip_stops_once_skipped_steps_exceed_the_limit(tmp_path):
     kept = checkpoint.complete_checkpoints(out / "checkpoints")
     assert [p.name for p in kept] == ["step-000001", "step-000002", "step-000003"]
     assert json.loads((kept[-1] / "state.json").read_text())["skipped_steps"] == 2
+
+
+# ---------------------------------------------------------------------------- 2. no bare NaN in JSON
+def test_json_safe_writes_null_and_lists_the_keys(tmp_path):
+    import numpy as np
+
+    from ftctl.core.atomic import atomic_write_json, json_safe
+
+    obj = {"loss": float("nan"), "lr": 1e-4, "steps": 3, "ok": True, "none": None,
+           "val": {"val_loss": float("inf")}, "curve": [1.0, -float("inf")], "np": np.float32("nan")}
+    clean = json_safe(obj)
+    json.dumps(clean, allow_nan=False)
+    assert clean["loss"] is None and clean["val"]["val_loss"] is None and clean["curve"] == [1.0, None]
+    assert clean["np"] is None and clean["lr"] == 1e-4 and clean["steps"] == 3 and clean["ok"] is True
+    assert clean["nonfinite"] == ["loss", "val.val_loss", "curve.1", "np"]
+    assert math.isnan(obj["loss"])  # the caller's object is not changed
+    assert json_safe({"loss": 1.0}) == {"loss": 1.0}  # nothing to flag: no key added
+    atomic_write_json(tmp_path / "x.json", obj)
+    assert _strict_json((tmp_path / "x.json").read_text())["nonfinite"] == clean["nonfinite"]
+
+
+def test_a_run_with_nan_losses_writes_strict_json_everywhere(tmp_path):
+    cfg, choices = compose(*TINY, *BLOW_UP, "trainer.on_nan=skip", "trainer.max_steps=3", "trainer.save_every=1",
+                           "trainer.log_every=1", f"output_dir={tmp_path / 'run'}")
+    out = train(cfg, choices)
+    files = [p for p in out.rglob("*") if p.suffix in (".json", ".jsonl") and p.parent.name != "adapter"]
+    assert out / "manifest.json" in files and out / "metrics.jsonl" in files
+    for f in files:
+        for text in f.read_text().splitlines() if f.suffix == ".jsonl" else [f.read_text()]:
+            _strict_json(text)
+    rows = read_metrics(out)
+    nan_rows = [m for m in rows if m.get("loss", 0) is None]
+    assert nan_rows and all(m["nonfinite"] == ["loss"] for m in nan_rows)
+    val = [m for m in rows if "val_loss" in m]
+    assert val[-1]["val_loss"] is None and val[-1]["nonfinite"] == ["val_loss"]
+    man = _strict_json((out / "manifest.json").read_text())
+    assert man["status"] == "finished" and man["final_train_loss"] is None
+    assert "final_train_loss" in man["nonfinite"] and "final_val_loss" in man["nonfinite"]

@@ -3,11 +3,39 @@ never leaves a half-written file that a later command would trust."""
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import shutil
 from pathlib import Path
 
 from ftctl.core.errors import ModelNotFoundError
+
+NONFINITE_KEY = "nonfinite"  # where json_safe lists the (dotted) keys whose NaN/Inf it wrote as null
+
+
+def json_safe(obj):
+    """``obj`` with every NaN/Inf float written as None (JSON null), since strict JSON readers reject the bare
+    NaN/Infinity that json.dumps writes; a dict that held any gets ``"nonfinite": [its dotted keys]``
+    (e.g. ``{"loss": null, "nonfinite": ["loss"]}``). A list is cleaned item by item (each dict flagged)."""
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(x) for x in obj]
+    bad: list[str] = []
+    clean = _finite(obj, "", bad)
+    if bad and isinstance(clean, dict):
+        clean[NONFINITE_KEY] = list(dict.fromkeys([*(clean.get(NONFINITE_KEY) or []), *bad]))
+    return clean
+
+
+def _finite(x, where: str, bad: list[str]):
+    if isinstance(x, dict):
+        return {k: _finite(v, f"{where}.{k}" if where else str(k), bad) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v, f"{where}.{i}" if where else str(i), bad) for i, v in enumerate(x)]
+    if isinstance(x, numbers.Real) and not isinstance(x, numbers.Integral) and not math.isfinite(float(x)):
+        bad.append(where)
+        return None
+    return x
 
 
 def fsync_dir(path: Path) -> None:
@@ -45,7 +73,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """``obj`` as JSON; NaN/Inf are written as null and flagged (json_safe)."""
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
 
 
 # ----------------------------------------------------------------------------- helpers

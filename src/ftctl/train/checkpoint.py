@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ftctl.core.atomic import atomic_write_json, fsync_dir
+from ftctl.core.atomic import atomic_write_json, fsync_dir, json_safe
 from ftctl.core.errors import NonFiniteError, RunDirError
 
 log = logging.getLogger("ftctl")
@@ -101,7 +101,7 @@ def _write(tmp: Path, weights, optimizer, scheduler, state: dict) -> None:
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state))
+    (tmp / "state.json").write_text(json.dumps(json_safe(state), allow_nan=False))
     files = {}
     for f in sorted(tmp.iterdir()):
         with open(f, "rb") as fh:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftctl import __version__, report
 from ftctl.core import memory
-from ftctl.core.atomic import atomic_write_json, atomic_write_text, replace_folder
+from ftctl.core.atomic import atomic_write_json, atomic_write_text, json_safe, replace_folder
 from ftctl.core.errors import ConfigError, FtctlError, NonFiniteError, Preempted
 from ftctl.core.progress import TrainProgress
 from ftctl.data import pipeline
@@ -567,7 +567,7 @@ def log_step(run: Run, r: StepResult, window: _Window, progress) -> None:
            "tokens": run.tokens_seen, "tokens_per_s": window.tokens / max(now - window.t, 1e-9),
            "epoch": round(r.done * tc.grad_accum * tc.batch_size / run.n_rows, 4),
            "skipped_steps": run.skipped, **(r.stats.means() if r.stats else {})}
-    run.metrics.log(**row)
+    run.metrics.log(**json_safe(row))  # a NaN loss as null, flagged: metrics.jsonl stays strict JSON
     run.trackers.log(row, r.done)
     log.info("step %d loss %.4f lr %.3e tok/s %.0f", r.done, r.loss, row["lr"], row["tokens_per_s"])
     progress.update(r.done, row)
@@ -582,7 +582,7 @@ def validate(run: Run, done: int, progress) -> None:
     if val is None:
         return
     run.val_loss = val["val_loss"]
-    run.metrics.log(step=done, **{k: round(v, 6) for k, v in val.items()})
+    run.metrics.log(**json_safe({"step": done, **{k: round(v, 6) for k, v in val.items()}}))
     run.trackers.log({k: round(v, 6) for k, v in val.items()}, done)
     log.info("step %d %s", done, " ".join(f"{k} {v:.4f}" for k, v in val.items()))
     extra = f", preference accuracy {val['val_accuracy']:.3f}" if "val_accuracy" in val else \
