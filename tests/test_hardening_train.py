@@ -91,3 +91,55 @@ def test_a_run_with_nan_losses_writes_strict_json_everywhere(tmp_path):
     man = _strict_json((out / "manifest.json").read_text())
     assert man["status"] == "finished" and man["final_train_loss"] is None
     assert "final_train_loss" in man["nonfinite"] and "final_val_loss" in man["nonfinite"]
+
+
+# ---------------------------------------------------------------------------- 3. a full disk
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory):
+    """A finished one-step LoRA run (a 0.4 MB checkpoint, a 3.7 MB adapter/ with its tokenizer)."""
+    out = tmp_path_factory.mktemp("disk") / "run"
+    r = run_cli("train", *TINY, "trainer.max_steps=1", f"output_dir={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True)
+    if ok.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to simulate a full disk here: {ok.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def _fill(mnt, leave: int) -> None:
+    st = os.statvfs(mnt)
+    free = st.f_bavail * st.f_frsize
+    with open(mnt / "filler", "wb") as f:
+        f.write(b"\0" * max(free - leave, 0))
+
+
+@pytest.mark.parametrize("free_kb, where", [
+    (40, "checkpoints/step-000002"),    # the checkpoint's trainable.safetensors does not fit
+    (200, "checkpoints/step-000002"),   # its weights fit; optimizer.pt (torch.save) does not
+    (1500, "adapter"),                  # the checkpoint fits; the final adapter with its tokenizer does not
+    (0, "config.yaml"),                 # full from the start (train.log's lines are dropped without a traceback)
+])
+def test_full_disk_one_line_naming_the_path_and_the_last_checkpoint_kept(one_step_run, small_disk, free_kb, where):
+    out = small_disk / "run"
+    shutil.copytree(one_step_run, out)
+    _fill(small_disk, free_kb * 1024)
+    r = run_cli("train", *TINY, "trainer.max_steps=2", f"output_dir={out}", "resume=true")
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = _one_line(r)
+    assert "no space left on device" in line.lower() and str(out / where) in line, line
+    kept = checkpoint.complete_checkpoints(out / "checkpoints")  # verified: sizes and sha256
+    assert kept and kept[-1].name == ("step-000002" if where == "adapter" else "step-000001")
+    if where != "config.yaml":
+        assert f"last complete checkpoint {kept[-1]}" in line, line
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in out.iterdir() if p.name.startswith(".adapter.tmp")]
+    if where != "config.yaml":  # a set-up that fails on a full disk cannot write it either
+        assert json.loads((out / "manifest.json").read_text())["status"] == "failed"

@@ -2,14 +2,16 @@
 never leaves a half-written file that a later command would trust."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import numbers
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
-from ftctl.core.errors import ModelNotFoundError
+from ftctl.core.errors import FtctlError, ModelNotFoundError, RunDirError
 
 NONFINITE_KEY = "nonfinite"  # where json_safe lists the (dotted) keys whose NaN/Inf it wrote as null
 
@@ -38,6 +40,34 @@ def _finite(x, where: str, bad: list[str]):
     return x
 
 
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err``, or an error it was raised from, is a full disk or quota: OSError ENOSPC/EDQUOT, or a
+    library's own error that carries the OS message (safetensors: "No space left on device (os error 28)")."""
+    for _ in range(5):
+        if err is None:
+            return False
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(m in str(err) for m in ("No space left on device", "os error 28", "Disk quota exceeded")):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+@contextmanager
+def writing(path, hint=None):
+    """A full disk while the block writes ``path`` becomes one line that names it: RunDirError (exit status 2),
+    with ``hint`` (a string, or a function called then) in brackets. Other errors pass through unchanged."""
+    try:
+        yield
+    except FtctlError:
+        raise
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        raise RunDirError(f"No space left on device writing {path}", hint=hint() if callable(hint) else hint) from e
+
+
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -57,10 +87,11 @@ def atomic_file(path: Path, write) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ftctl.core.atomic import atomic_write_json, fsync_dir, json_safe
+from ftctl.core.atomic import fsync_dir, json_safe, writing
 from ftctl.core.errors import NonFiniteError, RunDirError
 
 log = logging.getLogger("ftctl")
@@ -79,9 +79,10 @@ def save(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: 
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        _write(tmp, weights, optimizer, scheduler, state)
+        with writing(final, hint=lambda: kept(root)):
+            tmp.mkdir()
+        _write(tmp, final, weights, optimizer, scheduler, state)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -93,22 +94,47 @@ def save(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: 
     return final
 
 
-def _write(tmp: Path, weights, optimizer, scheduler, state: dict) -> None:
+def kept(root: Path) -> str:
+    """What a failed save leaves to resume from, for its message."""
+    done = complete_checkpoints(root, verify=False, quiet=True)
+    return f"the last complete checkpoint {done[-1]} is kept" if done else "no checkpoint was complete yet"
+
+
+def _torch_save(obj):
     import torch
+
+    def write(path: Path) -> None:
+        with open(path, "wb") as f:  # through a Python file: a full disk is OSError ENOSPC, not "unexpected pos"
+            torch.save(obj, f)
+
+    return write
+
+
+def _write(tmp: Path, final: Path, weights, optimizer, scheduler, state: dict) -> None:
+    """The checkpoint's files into ``tmp``, each synced, then checkpoint.json (sizes and sha256) last; a full
+    disk names the file (as ``final``, the folder's name once complete) and the checkpoint that is kept."""
     from safetensors.torch import save_file
 
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(json_safe(state), allow_nan=False))
+    writers = {"trainable.safetensors": lambda p: save_file(weights, str(p)),
+               "optimizer.pt": _torch_save(optimizer.state_dict()), "scheduler.pt": _torch_save(scheduler.state_dict()),
+               "rng.pt": _torch_save(rng_state()),
+               "state.json": lambda p: p.write_text(json.dumps(json_safe(state), allow_nan=False))}
     files = {}
-    for f in sorted(tmp.iterdir()):
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-        files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-    atomic_write_json(tmp / "checkpoint.json", {"step": state["step"], "files": files})
+    for name, write in writers.items():
+        with writing(final / name, hint=lambda: kept(final.parent)):
+            write(tmp / name)
+            _fsync(tmp / name)
+        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+    with writing(final / "checkpoint.json", hint=lambda: kept(final.parent)):
+        meta = {"step": state["step"], "files": dict(sorted(files.items()))}
+        (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _fsync(tmp / "checkpoint.json")
     fsync_dir(tmp)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:

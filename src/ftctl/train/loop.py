@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftctl import __version__, report
 from ftctl.core import memory
-from ftctl.core.atomic import atomic_write_json, atomic_write_text, json_safe, replace_folder
+from ftctl.core.atomic import atomic_write_json, atomic_write_text, json_safe, replace_folder, writing
 from ftctl.core.errors import ConfigError, FtctlError, NonFiniteError, Preempted
 from ftctl.core.progress import TrainProgress
 from ftctl.data import pipeline
@@ -99,8 +99,16 @@ def _stats_from(stats, sums: list[float]):
     return StepStats(int(sums[0]), *sums[1:])
 
 
+class _LogFile(logging.FileHandler):
+    """train.log. A line that cannot be written (a full disk) is dropped without logging's traceback on stderr:
+    the error that stops the run is reported as its one line."""
+
+    def handleError(self, record) -> None:
+        pass
+
+
 def _setup_logging(out: Path, debug: bool) -> logging.Handler:
-    handler = logging.FileHandler(out / "train.log")
+    handler = _LogFile(out / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.propagate = False  # the run's log goes to train.log, not through handlers a library installed on the root
@@ -141,7 +149,9 @@ def save_final(model, tokenizer, out: Path, is_adapter: bool, state: dict | None
             model.save_pretrained(tmp, **weights)
         tokenizer.save_pretrained(tmp)
 
-    return replace_folder(out / ("adapter" if is_adapter else "model"), write)
+    target = out / ("adapter" if is_adapter else "model")
+    with writing(target, hint=lambda: checkpoint.kept(out / "checkpoints")):
+        return replace_folder(target, write)
 
 
 def _after_train_eval(cfg, out: Path, manifest: dict, console) -> None:
@@ -567,7 +577,8 @@ def log_step(run: Run, r: StepResult, window: _Window, progress) -> None:
            "tokens": run.tokens_seen, "tokens_per_s": window.tokens / max(now - window.t, 1e-9),
            "epoch": round(r.done * tc.grad_accum * tc.batch_size / run.n_rows, 4),
            "skipped_steps": run.skipped, **(r.stats.means() if r.stats else {})}
-    run.metrics.log(**json_safe(row))  # a NaN loss as null, flagged: metrics.jsonl stays strict JSON
+    with writing(run.out / "metrics.jsonl"):
+        run.metrics.log(**json_safe(row))  # a NaN loss as null, flagged: metrics.jsonl stays strict JSON
     run.trackers.log(row, r.done)
     log.info("step %d loss %.4f lr %.3e tok/s %.0f", r.done, r.loss, row["lr"], row["tokens_per_s"])
     progress.update(r.done, row)
@@ -582,7 +593,8 @@ def validate(run: Run, done: int, progress) -> None:
     if val is None:
         return
     run.val_loss = val["val_loss"]
-    run.metrics.log(**json_safe({"step": done, **{k: round(v, 6) for k, v in val.items()}}))
+    with writing(run.out / "metrics.jsonl"):
+        run.metrics.log(**json_safe({"step": done, **{k: round(v, 6) for k, v in val.items()}}))
     run.trackers.log({k: round(v, 6) for k, v in val.items()}, done)
     log.info("step %d %s", done, " ".join(f"{k} {v:.4f}" for k, v in val.items()))
     extra = f", preference accuracy {val['val_accuracy']:.3f}" if "val_accuracy" in val else \
@@ -592,9 +604,13 @@ def validate(run: Run, done: int, progress) -> None:
 
 
 def save_checkpoint(run: Run, done: int) -> None:
-    run.engine.save(run.out / "checkpoints", done, run.model, run.optimizer, run.scheduler,
-                    {"step": done, "tokens_seen": run.tokens_seen, "skipped_steps": run.skipped},
-                    run.cfg.trainer.keep_checkpoints)
+    """A checkpoint of step ``done``; a full disk is one line naming the path and the checkpoint that is kept
+    (checkpoint.save names the file; this, what a sharded engine's own writer failed on)."""
+    root = run.out / "checkpoints"
+    with writing(root / f"step-{done:06d}", hint=lambda: checkpoint.kept(root)):
+        run.engine.save(root, done, run.model, run.optimizer, run.scheduler,
+                        {"step": done, "tokens_seen": run.tokens_seen, "skipped_steps": run.skipped},
+                        run.cfg.trainer.keep_checkpoints)
 
 
 def save_final_weights(run: Run) -> None:
@@ -609,7 +625,10 @@ def _record_failure(run: Run, e: BaseException, measured: dict) -> None:
     status = {KeyboardInterrupt: "interrupted", Preempted: "preempted"}.get(type(e), "failed")
     run.manifest.update(status=status, error=f"{type(e).__name__}: {e}", **measured)
     if run.main:
-        atomic_write_json(run.out / "manifest.json", run.manifest)
+        try:
+            atomic_write_json(run.out / "manifest.json", run.manifest)
+        except FtctlError as err:  # a disk still full: the error that stopped the run is the one to report
+            log.warning("manifest.json not updated: %s", err)
     run.metrics.close()
     run.trackers.finish(status=status)
     _close_log(run)
