@@ -124,7 +124,8 @@ def test_quantize_int4_weight_only_says_why_it_cannot_run_here(tmp_path, merged)
     if torch.cuda.is_available():
         pytest.skip("this test is about machines without a CUDA GPU")
     r = run_cli("quantize", f"model={merged}", "method=int4_weight_only", f"output={tmp_path / 'q'}", "data.limit=40")
-    assert r.returncode == 1 and "int4 weight-only kernels need a CUDA GPU" in r.stderr
+    # exit 2 (the hardening issue: a clear line for a setting that cannot work here, said before any model loads)
+    assert r.returncode == 2 and "method=int4_weight_only needs a CUDA GPU" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "q").exists()
 
 
@@ -184,7 +185,7 @@ def test_generate_and_chat_commands(tmp_path, lora_run):
     assert r.returncode == 2 and 'needs prompt="..." or prompts=<file>' in r.stderr
     # a prompt is taken literally: no YAML reading of '#', ':' or brackets
     text = "#Person1#: Are you coming? [yes/no]\n#Person2#: No: busy."
-    r = run_cli("generate", f"run={lora_run}", f"prompt={text}", "max_new_tokens=2", f"output={out}")
+    r = run_cli("generate", f"run={lora_run}", f"prompt={text}", "max_new_tokens=2", f"output={out}", "overwrite=true")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(out.read_text().splitlines()[0])["prompt"] == text
 
@@ -193,12 +194,18 @@ def test_merge_overwrite_replaces_the_output_folder_whole(tmp_path, lora_run):
     from ftctl.core.errors import RunDirError
     from ftctl.post.merge import MergeConfig, merge
 
+    foreign = tmp_path / "mine"  # a folder ftctl did not write is refused, even with overwrite=true
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("the user's")
+    with pytest.raises(RunDirError, match="was not written by ftctl"):
+        merge(MergeConfig(run=str(lora_run), output=str(foreign), overwrite=True), _console())
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]  # nothing touched
     out = tmp_path / "merged"
-    out.mkdir()
+    merge(MergeConfig(run=str(lora_run), output=str(out)), _console())
     (out / "stale.txt").write_text("from before")
     with pytest.raises(RunDirError, match="already exists; choose another output= or pass overwrite=true"):
         merge(MergeConfig(run=str(lora_run), output=str(out)), _console())
     assert (out / "stale.txt").is_file()  # refused: nothing touched
     merge(MergeConfig(run=str(lora_run), output=str(out), overwrite=True), _console())
     assert (out / "config.json").is_file() and not (out / "stale.txt").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no temporary folder left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "mine"]  # no temporary folder left beside it

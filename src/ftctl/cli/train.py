@@ -91,10 +91,9 @@ def warn_destinations(overrides: list[str], console) -> None:
 def run(t: TrainArgs, debug: bool) -> int:
     from ftctl.core.console import make_console
 
-    if not t.print_cfg:
-        warn_destinations(t.overrides, make_console())
     if t.multirun:
         check_sweep(t.overrides)
+        warn_destinations(t.overrides, make_console())
         from ftctl.experiments.sweep import multirun as run_sweep
 
         return run_sweep(t.overrides, debug=debug)
@@ -108,6 +107,8 @@ def run(t: TrainArgs, debug: bool) -> int:
 
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
+    if not launch.config_file(t.overrides):
+        warn_destinations(t.overrides, make_console())
     if t.dry_run or launch.needed(cfg):  # N processes: re-run under torchrun, each worker reading the saved config
         return launch.launch(cfg, choices, make_console(), debug=debug, dry_run=t.dry_run)
     from ftctl.train.loop import train

@@ -24,7 +24,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ftctl import __version__, report
-from ftctl.core import memory
+from ftctl.core import lock, memory
 from ftctl.core.atomic import atomic_write_json, atomic_write_text, json_safe, replace_folder, writing
 from ftctl.core.errors import ConfigError, FtctlError, NonFiniteError, Preempted
 from ftctl.core.progress import TrainProgress
@@ -38,7 +38,15 @@ from ftctl.models.load import keep_training_layout, load_tokenizer, resolve
 from ftctl.models.load import load_model as load
 from ftctl.objectives.losses import StepStats
 from ftctl.objectives.spec import BuildContext, objective_spec
-from ftctl.rundir import Metrics, adapter_folder, default_output_dir, git_commit, library_versions, prepare_output_dir
+from ftctl.rundir import (
+    Metrics,
+    adapter_folder,
+    default_output_dir,
+    git_commit,
+    library_versions,
+    prepare_output_dir,
+    read_manifest,
+)
 from ftctl.tasks import Task, task_for
 from ftctl.train import checkpoint, distributed, launch, tracking
 from ftctl.train.checkpoint import assert_finite, trainable_state
@@ -232,19 +240,22 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
     """Run one training job described by a composed config. Returns the run directory."""
     run = start(cfg, choices, console, debug)
     try:
-        load_data(run)
-        load_model(run)
-        if run.task.fits_without_steps(cfg):  # classify.strategy=features: no gradient steps
-            return fit_without_steps(run)
-        make_optimizer_and_objective(run)
-        open_run_dir(run)
-    except BaseException:
-        _close_log(run)  # a failed set-up leaves train.log, and no handler behind (a sweep's next trial logs apart)
-        raise
-    loop_figures = fit(run)
-    if run.main:
-        finish(run, loop_figures)
-    return run.out
+        try:
+            load_data(run)
+            load_model(run)
+            if run.task.fits_without_steps(cfg):  # classify.strategy=features: no gradient steps
+                return fit_without_steps(run)
+            make_optimizer_and_objective(run)
+            open_run_dir(run)
+        except BaseException as e:
+            _setup_failed(run, e)  # train.log stays, no handler behind (a sweep's next trial logs apart)
+            raise
+        loop_figures = fit(run)
+        if run.main:
+            finish(run, loop_figures)
+        return run.out
+    finally:
+        lock.release(run.out)  # the kernel would at exit; a sweep's or a test's next run may want it sooner
 
 
 # ----------------------------------------------------------------------------- setup
@@ -632,6 +643,14 @@ def _record_failure(run: Run, e: BaseException, measured: dict) -> None:
     run.metrics.close()
     run.trackers.finish(status=status)
     _close_log(run)
+
+
+def _setup_failed(run: Run, e: BaseException) -> None:
+    """A set-up that failed after the run directory was taken: its manifest says so (status failed)."""
+    _close_log(run)
+    manifest = read_manifest(run.out) if run.main else None
+    if manifest and manifest.get("status") == "starting":
+        atomic_write_json(run.out / "manifest.json", {**manifest, "status": "failed", "error": f"{type(e).__name__}: {e}"})
 
 
 def _close_log(run: Run) -> None:
