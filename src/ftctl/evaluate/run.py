@@ -4,6 +4,7 @@ examples (``shots=k``), score, print a table, and write eval/<name>.json and
 eval/<name>.predictions.jsonl."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -16,6 +17,7 @@ from typing import Any, Callable, List, Optional
 from omegaconf import OmegaConf
 
 from ftctl.config.compose import compose
+from ftctl.core import lock
 from ftctl.core.atomic import atomic_write_json, atomic_write_text
 from ftctl.core.device import pick_device
 from ftctl.core.errors import ConfigError
@@ -336,12 +338,21 @@ def _write(ecfg: EvalConfig, cfg, run: Run | None, model_path: Path, rows: EvalR
 
 
 def run_eval(ecfg: EvalConfig, overrides: list[str] | None = None, console=None) -> dict:
-    """Score a run (or a model folder) on its held-out rows: print a table, write eval/, return the report."""
+    """Score a run (or a model folder) on its held-out rows: print a table, write eval/, return the report.
+    A run directory's lock is held throughout (one writer per run: eval refuses a run another process holds,
+    e.g. one being trained)."""
     from rich.console import Console
 
     console = console or Console()
     _check(ecfg)
-    cfg, manifest, run = _config(ecfg, list(overrides or []))
+    run_dir = Path(ecfg.run).expanduser() if ecfg.run else None
+    held = run_dir is not None and (run_dir / "manifest.json").is_file()  # else open_run says what it is not
+    with lock.hold(run_dir, "ftctl eval") if held else contextlib.nullcontext():
+        return _evaluate(ecfg, list(overrides or []), console)
+
+
+def _evaluate(ecfg: EvalConfig, overrides: list[str], console) -> dict:
+    cfg, manifest, run = _config(ecfg, overrides)
     if cfg.get("task", "generate") == "classify":
 
         return classify_eval(ecfg, cfg, manifest, run, console)

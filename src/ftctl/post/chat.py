@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 from ftctl.core.atomic import atomic_write_text
+from ftctl.core.console import printable
 from ftctl.core.device import pick_device
-from ftctl.core.errors import ConfigError
+from ftctl.core.errors import ConfigError, RunDirError
 from ftctl.core.registry import TEMPLATES
 from ftctl.data.templates import Context, from_config
 from ftctl.evaluate.generate import generate
@@ -28,6 +29,7 @@ class GenerateConfig:
     prompt: Optional[str] = None
     prompts: Optional[str] = None  # a file: one prompt per line (.txt) or {"prompt": ...} per line (.jsonl)
     output: Optional[str] = None  # generate: write {"prompt", "output"} lines here (default: print)
+    overwrite: bool = False  # generate: replace an existing output= file
     system: Optional[str] = None
     raw: bool = False
     max_new_tokens: int = 256
@@ -85,21 +87,43 @@ def _prompts(gcfg: GenerateConfig) -> list[str]:
     return out
 
 
-def generate_cmd(gcfg: GenerateConfig, console) -> list[str]:
+def _output(gcfg: GenerateConfig) -> Path | None:
+    """output=, checked before the model loads: not a folder, not an existing file unless overwrite=true."""
+    if not gcfg.output:
+        return None
+    out = Path(gcfg.output).expanduser()
+    if out.is_dir():
+        raise ConfigError(f"output={out} is a folder; give the file to write, e.g. output={out / 'generations.jsonl'}")
+    if out.exists() and not gcfg.overwrite:
+        raise ConfigError(f"output={out} already exists", hint="pass overwrite=true to replace it, or another output=")
+    return out
 
+
+def _write(out: Path, prompts: list[str], outs: list[str]) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, "".join(json.dumps({"prompt": p, "output": o}, ensure_ascii=False) + "\n"
+                                       for p, o in zip(prompts, outs)))
+    except OSError as e:
+        raise RunDirError(f"output={out}: cannot write there ({e.filename or out.parent}: {e.strerror or e})") from None
+
+
+def generate_cmd(gcfg: GenerateConfig, console) -> list[str]:
+    """Generate for prompt= or each line of prompts=: print the answers (control characters shown escaped, as
+    \\x1b), or write them to output=."""
     prompts = _prompts(gcfg)
+    out = _output(gcfg)
     model, tok, template, ctx = _load(gcfg)
     texts = [p if gcfg.raw else template.inference_prompt(p, ctx, gcfg.system) for p in prompts]
     outs = generate(model, tok, texts, max_new_tokens=gcfg.max_new_tokens, batch_size=gcfg.batch_size,
                     do_sample=gcfg.do_sample, temperature=gcfg.temperature, top_p=gcfg.top_p, seed=gcfg.seed,
                     add_special_tokens=gcfg.raw or template.plain(ctx))
-    if gcfg.output:
-        atomic_write_text(Path(gcfg.output), "".join(json.dumps({"prompt": p, "output": o}, ensure_ascii=False) + "\n"
-                                                     for p, o in zip(prompts, outs)))
-        console.print(f"wrote {len(outs)} generations to {gcfg.output}", highlight=False)
+    if out is not None:
+        _write(out, prompts, outs)
+        console.print(f"wrote {len(outs)} generations to {out}", highlight=False, markup=False)
     else:
         for o in outs:
-            print(o.strip(), flush=True)
+            print(printable(o.strip()), flush=True)
     return outs
 
 
@@ -145,7 +169,7 @@ def chat_cmd(gcfg: GenerateConfig, console) -> None:
         print("model> " if interactive else "", end="", flush=True)
         for piece in streamer:
             answer.append(piece)
-            print(piece, end="", flush=True)
+            print(printable(piece), end="", flush=True)  # control characters shown escaped (\x1b)
         worker.join()
         print(flush=True)
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": "".join(answer).strip()}]
