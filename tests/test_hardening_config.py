@@ -1,6 +1,5 @@
 """Hardening: a recipe is untrusted input. Each bad value gets one line naming the key and the value, exit
 status 2, before a model loads (the corpus of tests/test_bad_inputs.py, extended)."""
-import os
 import time
 from pathlib import Path
 
@@ -149,3 +148,70 @@ def test_mistyped_local_data_path_cli_one_line(tmp_path):
                 cwd=tmp_path, env={"HF_DATASETS_OFFLINE": "0"})
     assert r.returncode == 2 and "data.path: no such file: mydata/rows" in _one_line(r)
     assert time.monotonic() - t < 60  # a hub lookup retries for ~30 s before giving up
+
+
+# ---------------------------------------------------------------------------- 5. templates have a render limit
+NESTED = "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}"
+
+
+@pytest.mark.parametrize("source, why", [
+    (NESTED, "rendering stopped"),
+    ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "range() items"),
+    (("{% set xs = range(1000)|list %}{% for a in xs %}{% for b in xs %}{% for c in xs %}{% endfor %}{% endfor %}"
+      "{% endfor %}"), "took over"),
+    ("{{ 'x' * 10000000000 }}", "over 1,000,000 characters"),
+    ("{{ 10 ** 10000000000 }}", "too large a number"),
+    ("{{ 'x'.center(10000000000) }}", "over 1,000,000 characters"),
+    ("{% for i in range(20000) %}{{ 'y' * 100 }}{% endfor %}", "output over 1,000,000 characters"),
+])
+def test_template_render_is_bounded(source, why):
+    from ftctl.data.jinja import render
+
+    t = time.monotonic()
+    with pytest.raises(ConfigError) as e:  # the template's fault: not skipped row by row with data.bad_rows=skip
+        render(source, {}, where="template.phrasings[0]")
+    assert time.monotonic() - t < 15
+    msg = str(e.value)
+    assert msg.startswith("template.phrasings[0]: rendering stopped: ") and why in msg and "\n" not in msg, msg
+
+
+def test_time_limit_stops_slow_rendering():
+    from ftctl.data.jinja import time_limit
+
+    t = time.monotonic()
+    with (pytest.raises(ConfigError, match=r"^template.chat_template: rendering stopped: took over 0.5 s"),
+          time_limit("template.chat_template", 0.5)):
+        while True:
+            pass
+    assert time.monotonic() - t < 5
+
+
+def test_ordinary_templates_still_render():
+    from ftctl.data.jinja import render
+
+    assert render("{% for i in range(3) %}{{ i }}{% endfor %} {{ 'ab' * 2 }} {{ 2 ** 10 }}", {}) == "012 abab 1024"
+    assert len(render("{{ text }}", {"text": "z" * 900_000})) == 900_000
+
+
+def test_template_bomb_in_a_recipe_one_line(tmp_path):
+    d = tmp_path / "recipes"
+    d.mkdir()
+    (d / "bomb.yaml").write_text(
+        "# @package _global_\n"
+        "template:\n  name: flan\n  phrasings:\n    - '" + NESTED + " {{ instruction }} ||| {{ output }}'\n")
+    t = time.monotonic()
+    r = run_cli("train", "recipe=bomb", *TINY, "data.path=builtin:demo_dates", "data.cache=false",
+                f"output_dir={tmp_path / 'out'}", env={"FTCTL_RECIPES": str(d)}, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert _one_line(r).startswith("ftctl: error: template.phrasings[0]: rendering stopped: loops over more than")
+    assert time.monotonic() - t < 90
+    r = run_cli("train", "recipe=bomb", *TINY, "data.path=builtin:demo_dates", "data.bad_rows=skip", "data.cache=false",
+                f"output_dir={tmp_path / 'out'}", env={"FTCTL_RECIPES": str(d)}, timeout=120)
+    assert r.returncode == 2 and "template.phrasings[0]: rendering stopped" in _one_line(r)
+
+
+def test_template_bomb_folded_while_compiling_is_a_config_error():
+    from ftctl.data.jinja import check
+
+    with pytest.raises(ConfigError, match=r"^template.phrasings\[0\]: rendering stopped: a value over"):
+        check("{{ 'x'|center(10000000000) }}|||y", "template.phrasings[0]")
