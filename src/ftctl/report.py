@@ -1028,5 +1028,6 @@ def report(rcfg: ReportConfig, console=None) -> Path:
             where = e.filename or out.parent
             raise RunDirError(f"output={out}: cannot write there ({where}: {e.strerror or e})") from None
     if console is not None:
-        console.print(f"wrote {out} ({what}); open it in a browser: file://{out.resolve()}", highlight=False)
+        console.print(f"wrote {out} ({what}); open it in a browser: file://{out.resolve()}", highlight=False,
+                      markup=False)
     return out
