@@ -227,8 +227,8 @@ def recipe_destinations(overrides: list[str]) -> list[str]:
     given = {o.lstrip("+").split("=", 1)[0] for o in overrides if "=" in o}
     found = []
     for name in recipe_names(overrides):
-        f = _find_recipe_file(name)
-        data = yaml.safe_load(f.read_text()) if f is not None else None
+        f = Path(name).expanduser() if name.endswith((".yaml", ".yml")) else _find_recipe_file(name)
+        data = yaml.safe_load(f.read_text()) if f is not None and f.is_file() else None
 
         def walk(node, where):
             if isinstance(node, dict):
