@@ -143,3 +143,68 @@ def test_full_disk_one_line_naming_the_path_and_the_last_checkpoint_kept(one_ste
     assert not [p for p in out.iterdir() if p.name.startswith(".adapter.tmp")]
     if where != "config.yaml":  # a set-up that fails on a full disk cannot write it either
         assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
+
+
+# ---------------------------------------------------------------------------- 4. model.adapter that is not weights
+@pytest.fixture(scope="module")
+def adapter_config(tmp_path_factory):
+    cfg, choices = compose(*TINY, "trainer.max_steps=1", f"output_dir={tmp_path_factory.mktemp('a') / 'run'}")
+    return train(cfg, choices) / "adapter"
+
+
+def _adapter_folder(tmp_path, adapter_config, name: str, content: bytes):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    shutil.copy(adapter_config / "adapter_config.json", folder)
+    (folder / name).write_bytes(content)
+    return folder
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_adapter_is_refused_without_unpickling(tmp_path, adapter_config):
+    marker = tmp_path / "pwned"
+    folder = _adapter_folder(tmp_path, adapter_config, "adapter_model.bin",
+                             pickle.dumps({"base_model.model.x": _Evil(marker)}, protocol=2))
+    r = run_cli("train", *TINY, "trainer.max_steps=1", f"model.adapter={folder}", f"output_dir={tmp_path / 'run'}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = _one_line(r)
+    assert str(folder / "adapter_model.bin") in line and "posix.system" in line, line
+    assert not marker.exists()
+
+
+def test_garbage_safetensors_adapter_is_one_line(tmp_path, adapter_config):
+    folder = _adapter_folder(tmp_path, adapter_config, "adapter_model.safetensors", b"not a safetensors file" * 8)
+    r = run_cli("train", *TINY, "trainer.max_steps=1", f"model.adapter={folder}", f"output_dir={tmp_path / 'run'}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = _one_line(r)
+    assert str(folder / "adapter_model.safetensors") in line and "not a safetensors file" in line, line
+
+
+def test_adapter_without_weights_is_one_line(tmp_path, adapter_config):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    shutil.copy(adapter_config / "adapter_config.json", folder)
+    r = run_cli("train", *TINY, "trainer.max_steps=1", f"model.adapter={folder}", f"output_dir={tmp_path / 'run'}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "no adapter_model.safetensors or adapter_model.bin" in _one_line(r)
+
+
+def test_adapter_bin_of_plain_tensors_still_trains(tmp_path, adapter_config):
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(adapter_config / "adapter_model.safetensors"))
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    shutil.copy(adapter_config / "adapter_config.json", folder)
+    torch.save(weights, folder / "adapter_model.bin")
+    cfg, choices = compose(*TINY, "trainer.max_steps=1", f"model.adapter={folder}", f"output_dir={tmp_path / 'run'}")
+    out = train(cfg, choices)
+    assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
