@@ -215,3 +215,42 @@ def test_template_bomb_folded_while_compiling_is_a_config_error():
 
     with pytest.raises(ConfigError, match=r"^template.phrasings\[0\]: rendering stopped: a value over"):
         check("{{ 'x'|center(10000000000) }}|||y", "template.phrasings[0]")
+
+
+# ---------------------------------------------------------------------------- 1b. peft.r against the model's shapes
+def _tiny_model(cfg):
+    import torch
+
+    from ftctl.models import load
+
+    return load.load_model(load.resolve(cfg.model.path), cfg.model, cfg.quant, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method", ["lora", "loha", "adalora"])
+def test_rank_larger_than_a_target_module_is_refused(method):
+    from ftctl.methods.spec import method_spec
+
+    cfg, _ = compose(*TINY, f"peft={method}", "peft.r=512")
+    with pytest.raises(ConfigError) as e:
+        method_spec(method).wrap(_tiny_model(cfg), cfg.peft, quantized=False, gradient_checkpointing=False)
+    # tiny_llama's attention has grouped key/value heads: k_proj maps 64 -> 32
+    assert str(e.value) == ("peft.r=512 is larger than model.layers.0.self_attn.k_proj's smaller dimension (32; "
+                            "its weight is 32x64); choose peft.r <= 32")
+
+
+@pytest.mark.parametrize("overrides", [["peft.r=32"], ["peft.r=64", "peft.target_modules=[q_proj,o_proj]"]])
+def test_rank_up_to_the_smaller_dimension_is_fine(overrides):
+    from ftctl.methods.spec import method_spec
+
+    cfg, _ = compose(*TINY, *overrides)
+    model = method_spec("lora").wrap(_tiny_model(cfg), cfg.peft, quantized=False, gradient_checkpointing=False)
+    assert any(p.requires_grad for p in model.parameters())
+
+
+def test_rank_too_large_cli_one_line_before_training(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("train", *TINY, "peft.r=512", f"output_dir={out}")
+    assert r.returncode == 2
+    assert "peft.r=512 is larger than model.layers.0.self_attn.k_proj's smaller dimension (32" in _one_line(r)
+    assert not (out / "checkpoints").exists() and not (out / "adapter").exists()  # no step was taken
+    assert not (out / "metrics.jsonl").exists() or "loss" not in (out / "metrics.jsonl").read_text()

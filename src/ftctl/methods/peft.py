@@ -72,10 +72,36 @@ def _wrap(model, config, peft_cfg, quantized, gradient_checkpointing):
 
     model = prepare(model, quantized, gradient_checkpointing)
     try:
-        return get_peft_model(model, config)
+        wrapped = get_peft_model(model, config)
     except (ValueError, TypeError, KeyError, RuntimeError, AttributeError) as e:
         tm = f" peft.target_modules={_target_modules(peft_cfg)}:" if peft_cfg.target_modules is not None else ""
         raise ConfigError(f"peft.method={peft_cfg.method}:{tm} {_first_line(e)}") from e
+    check_rank(wrapped, config)
+    return wrapped
+
+
+# the peft types whose `r` (AdaLoRA: init_r) is peft.r, a rank of a low-rank factor of each target weight
+_RANKED = {"LORA": "r", "ADALORA": "init_r", "LOHA": "r", "LOKR": "r", "VERA": "r"}
+
+
+def check_rank(model, config) -> None:
+    """peft.r no larger than the smaller dimension of any weight the adapter wraps (a larger rank adds
+    parameters that cannot add anything): a ConfigError naming the module and its shape, before any step."""
+    field = _RANKED.get(str(getattr(config.peft_type, "value", config.peft_type)))
+    r = getattr(config, field, None) if field else None
+    if not r:
+        return
+    shapes = []
+    for name, module in model.named_modules():
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") and hasattr(module, "r") else None
+        if base is not None and base is not module and hasattr(base, "in_features"):
+            shapes.append((name.removeprefix("base_model.model."), base.out_features, base.in_features))
+    if not shapes:
+        return
+    name, out_f, in_f = min(shapes, key=lambda s: min(s[1], s[2]))
+    if r > min(out_f, in_f):
+        raise ConfigError(f"peft.r={r} is larger than {name}'s smaller dimension ({min(out_f, in_f)}; its weight "
+                          f"is {out_f}x{in_f}); choose peft.r <= {min(out_f, in_f)}")
 
 
 def _peft_config(cls, peft_cfg, extra, **kwargs):
