@@ -238,12 +238,14 @@ def test_rank_larger_than_a_target_module_is_refused(method):
                             "its weight is 32x64); choose peft.r <= 32")
 
 
-@pytest.mark.parametrize("overrides", [["peft.r=32"], ["peft.r=64", "peft.target_modules=[q_proj,o_proj]"]])
+@pytest.mark.parametrize("overrides", [["peft.r=32"], ["peft.r=64", "peft.target_modules=[q_proj,o_proj]"],
+                                       ["peft=vera", "peft.r=256"]])  # VeRA's r: shared projections, no per-layer rank
 def test_rank_up_to_the_smaller_dimension_is_fine(overrides):
     from ftctl.methods.spec import method_spec
 
     cfg, _ = compose(*TINY, *overrides)
-    model = method_spec("lora").wrap(_tiny_model(cfg), cfg.peft, quantized=False, gradient_checkpointing=False)
+    model = method_spec(cfg.peft.method).wrap(_tiny_model(cfg), cfg.peft, quantized=False,
+                                              gradient_checkpointing=False)
     assert any(p.requires_grad for p in model.parameters())
 
 

@@ -81,7 +81,8 @@ def _wrap(model, config, peft_cfg, quantized, gradient_checkpointing):
 
 
 # the peft types whose `r` (AdaLoRA: init_r) is peft.r, a rank of a low-rank factor of each target weight
-_RANKED = {"LORA": "r", "ADALORA": "init_r", "LOHA": "r", "LOKR": "r", "VERA": "r"}
+# (not VeRA: its r is the width of random projections shared by all layers, often above the hidden size)
+_RANKED = {"LORA": "r", "ADALORA": "init_r", "LOHA": "r", "LOKR": "r"}
 
 
 def check_rank(model, config) -> None:
