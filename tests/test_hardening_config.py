@@ -256,3 +256,9 @@ def test_rank_too_large_cli_one_line_before_training(tmp_path):
     assert "peft.r=512 is larger than model.layers.0.self_attn.k_proj's smaller dimension (32" in _one_line(r)
     assert not (out / "checkpoints").exists() and not (out / "adapter").exists()  # no step was taken
     assert not (out / "metrics.jsonl").exists() or "loss" not in (out / "metrics.jsonl").read_text()
+
+
+def test_output_dir_names_the_repository_when_it_is_also_the_current_folder(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match=r"refusing to write a run into ftctl's repository itself"):
+        compose(*TINY, f"output_dir={ROOT}")

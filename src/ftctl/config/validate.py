@@ -243,11 +243,12 @@ def check_output_dir(cfg: DictConfig, files=()) -> None:
     if not cfg.output_dir:
         return
     out = Path(cfg.output_dir).resolve()
-    refused = {Path("/").resolve(): "the filesystem root", Path.home().resolve(): "the home folder",
-               Path.cwd().resolve(): "the current folder"}
+    refused = {Path.cwd().resolve(): "the current folder"}  # later entries name a folder that is several of these
     root = _repo_root()
     if root is not None:
-        refused.setdefault(root, "ftctl's repository")
+        refused[root] = "ftctl's repository"
+    refused[Path.home().resolve()] = "the home folder"
+    refused[Path("/").resolve()] = "the filesystem root"
     if out in refused:
         raise ConfigError(f"{locate('output_dir', files)}output_dir={cfg.output_dir}: refusing to write a run into "
                           f"{refused[out]} itself; choose a folder of its own, e.g. output_dir={out / 'runs' / 'my-run'}")
