@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ftctl.config.checks import check_distributed, check_logging
 from ftctl.config.choices import CHOICES, allowed
@@ -191,15 +191,14 @@ def expand_paths(cfg: DictConfig) -> None:
     def expand(value):
         return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
 
-    with open_dict(cfg):
-        for key in PATH_KEYS:
+    with read_write(cfg), open_dict(cfg):
+        for key in (*PATH_KEYS, "resume"):
             value = OmegaConf.select(cfg, key, default=None)
             if expand(value) is not value:
                 OmegaConf.update(cfg, key, expand(value), merge=False)
         for m in cfg.data.get("mix") or []:
-            if "path" in m and not OmegaConf.is_missing(m, "path"):
+            if "path" in m and not OmegaConf.is_missing(m, "path") and expand(m.path) is not m.path:
                 m.path = expand(m.path)
-        cfg.resume = expand(cfg.get("resume"))
 
 
 def _check_finite(cfg: DictConfig, files) -> None:
