@@ -287,3 +287,28 @@ def test_merge_never_takes_trust_remote_code_from_the_saved_config(finished_run,
     assert r.returncode == 0, r.stderr[-2000:]
     assert not marker.exists()
     assert "stays off here (a saved file does not turn it on)" in r.stderr
+
+
+# ----------------------------------------------------------------------------- late failures, now one line
+@pytest.mark.parametrize("kind", ["garbage", "pickle"])
+def test_a_dummy_or_pickled_adapter_is_one_line_and_never_unpickled(finished_run, tmp_path, kind):
+    import pickle
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns(lock.LOCK_FILE))
+    marker = tmp_path / "PICKLED"
+    if kind == "garbage":
+        (run / "adapter" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+        expect = "adapter_model.safetensors: not a valid safetensors file"
+    else:
+        (run / "adapter" / "adapter_model.safetensors").unlink()
+
+        class Payload:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+        (run / "adapter" / "adapter_model.bin").write_bytes(pickle.dumps(Payload()))
+        expect = "adapter_model.bin: pickled adapter weights are not loaded"
+    for args in (["merge", f"run={run}", f"output={tmp_path / 'merged'}"], ["eval", f"run={run}", "perplexity"]):
+        r = run_cli(*args)
+        assert r.returncode == 2 and expect in _one_line(r), r.stderr[-2000:]
+    assert not marker.exists() and not (tmp_path / "merged").exists()

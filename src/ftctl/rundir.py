@@ -207,6 +207,7 @@ class Run:
     def _with_adapter(self, base, adapter: Path, device):
         from peft import PeftModel
 
+        check_adapter_weights(adapter)
         try:
             model = PeftModel.from_pretrained(base, adapter)
         except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names that are not there
@@ -409,6 +410,28 @@ def _parse_lines(text: str) -> list[dict]:
 def read_metrics(run_dir: Path) -> list[dict]:
     f = Path(run_dir) / "metrics.jsonl"
     return _parse_lines(f.read_text()) if f.is_file() else []
+
+
+def check_adapter_weights(adapter: Path) -> Path:
+    """The adapter's weights file, if it is a readable safetensors file; RunDirError (one line, naming the file)
+    for pickled weights (adapter_model.bin is never loaded: pickle can carry code) or a file that is not
+    safetensors."""
+    adapter = Path(adapter)
+    f = adapter / "adapter_model.safetensors"
+    if not f.is_file():
+        pickled = adapter / "adapter_model.bin"
+        if pickled.is_file():
+            raise RunDirError(f"{pickled}: pickled adapter weights are not loaded (pickle can run code); ftctl reads "
+                              "adapter_model.safetensors only")
+        raise RunDirError(f"{adapter}: no adapter_model.safetensors")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt") as st:
+            list(st.keys())
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a bad header
+        raise RunDirError(f"{f}: not a valid safetensors file ({str(e).strip().splitlines()[0][:120]})") from None
+    return f
 
 
 def adapter_folder(spec: str) -> Path:

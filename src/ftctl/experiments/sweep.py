@@ -36,7 +36,7 @@ from ftctl.config.compose import (
 from ftctl.config.schema import register_schemas
 from ftctl.config.validate import validate
 from ftctl.core.atomic import atomic_write_json, atomic_write_text
-from ftctl.core.console import make_console, table_console
+from ftctl.core.console import make_console, markup_safe, table_console
 from ftctl.core.errors import ConfigError, Preempted, RunDirError
 from ftctl.core.paths import config_dir
 from ftctl.report import (
@@ -364,19 +364,20 @@ def sweep_report(folder, metric: str | None = None, console=None) -> list[dict]:
     if console is not None:
         from rich.table import Table
 
-        t = Table(show_header=True, header_style="bold", title=f"sweep {folder}")
+        t = Table(show_header=True, header_style="bold", title=f"sweep {markup_safe(str(folder))}")
         for i, h in enumerate(head):
             t.add_column(h, justify="left" if i < len(swept) + 2 else "right")
         for r, row in zip(rows, table):
-            t.add_row(*[_fmt(v) for v in row], style="bold green" if r["best"] else None)
+            t.add_row(*[markup_safe(_fmt(v)) for v in row], style="bold green" if r["best"] else None)
 
         table_console(console, len(head)).print(t)
         best = next((r for r in rows if r["best"]), None)
         if best is not None:
             values = " ".join(f"{k}={_fmt(v)}" for k, v in best["swept"].items()) or " ".join(best["overrides"])
-            console.print(f"best by {metric}: trial {best['trial']} ({values}) = {best['value']:.6g}", highlight=False)
+            console.print(f"best by {metric}: trial {best['trial']} ({values}) = {best['value']:.6g}", highlight=False,
+                          markup=False)
         console.print(f"wrote {folder / 'report.md'}, {folder / 'report.csv'}, {folder / 'plots' / 'sweep_metric.png'}, "
-                      f"{folder / 'plots' / 'sweep_loss.png'}", highlight=False)
+                      f"{folder / 'plots' / 'sweep_loss.png'}", highlight=False, markup=False)
     return rows
 
 
