@@ -11,15 +11,16 @@ commands:
   eval METRIC [METRIC ...] run=DIR|model=DIR [compare=base] [shots=K] [split=S] [limit=N] [key=value ...]
         generate on held-out rows and score (exact_match rouge rougeL bleu accuracy f1 precision recall
         perplexity); a classifier (task=classify): accuracy f1 precision recall and the confusion matrix
-  merge run=DIR [output=DIR] [dtype=float32|bfloat16|float16] [overwrite=true]
+  merge run=DIR [output=DIR] [dtype=float32|bfloat16|float16] [overwrite=true] [trust_remote_code=true]
         fold a LoRA-family adapter into the base weights; checks logits, writes a standalone model folder
   quantize model=DIR method=nf4|int8|int8_weight_only|int4_weight_only|bitdelta [base=DIR] [output=DIR]
         write a quantized copy; prints size before/after and held-out perplexity before/after
   generate run=DIR|model=DIR prompt="..."|prompts=FILE [max_new_tokens=N] [do_sample=true] [output=FILE]
+        [overwrite=true]
         generate for one prompt or a file of prompts, wrapped as the run was trained (raw=true: as is)
   chat run=DIR|model=DIR [system="..."] [do_sample=true]
         talk to the model in the terminal, answers streamed (lines piped in are user turns)
-  report run=DIR [output=FILE] [examples=5]
+  report run=DIR [output=FILE] [overwrite=true] [examples=5]
         plots/ and one self-contained report.html for a run directory or a sweep folder
   sweep report DIR [metric=NAME]
         the table of a sweep's trials (best marked), DIR/report.md, report.csv and plots/sweep_*.png
@@ -44,4 +45,6 @@ examples:
   ftctl eval exact_match rougeL run=outputs/try compare=base
 options:
   --debug   show Python tracebacks (also FTCTL_DEBUG=1)
+a recipe file is untrusted data (no hydra.*, no resolvers); a non-run folder is never written over; one writer
+per run directory; trust_remote_code=true (eval, merge, generate, chat) only from the command line
 """

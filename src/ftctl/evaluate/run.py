@@ -57,6 +57,7 @@ class EvalConfig:
     labels: List[str] = field(default_factory=list)  # accuracy / f1: the label names (default: distinct references)
     name: Optional[str] = None
     output: Optional[str] = None  # where eval/ goes for model=; default <model>/eval
+    trust_remote_code: bool = False  # run=: run the model folder's Python code (never taken from the run's config)
 
 
 def _check(ecfg: EvalConfig) -> None:
@@ -96,7 +97,7 @@ def _config(ecfg: EvalConfig, overrides: list[str]):
     """(config, manifest, run): the training config the rows and template come from, the run's (opened with
     ``ftctl.rundir.open_run``) or composed for a model folder (run is None then)."""
     if ecfg.run:
-        run = open_run(ecfg.run)
+        run = open_run(ecfg.run, trust_remote_code=ecfg.trust_remote_code)
         for o in overrides:  # e.g. data.path=other.jsonl, to score the run on another file
             if "=" not in o or o.split("=", 1)[0].split(".")[0] not in ("data", "template"):
                 raise ConfigError(f"{o}: with run=, only data.* and template.* keys can be changed")

@@ -38,6 +38,7 @@ class GenerateConfig:
     top_p: float = 0.9
     seed: int = 0
     batch_size: int = 8
+    trust_remote_code: bool = False  # run=: run the model folder's Python code (never taken from the run's config)
 
 
 def _load(gcfg: GenerateConfig):
@@ -54,7 +55,7 @@ def _load(gcfg: GenerateConfig):
         tok = models.load_tokenizer(folder)
         template = TEMPLATES.get("chat" if tok.chat_template else "completion")
         return load_folder(folder, device), tok, template, Context(tokenizer=tok)
-    run = open_run(gcfg.run)
+    run = open_run(gcfg.run, trust_remote_code=gcfg.trust_remote_code)
     tok = run.tokenizer()
     template, ctx = from_config(run.config, tok)
     return run.load_model(device), tok, template, ctx
