@@ -299,7 +299,7 @@ def test_a_dummy_or_pickled_adapter_is_one_line_and_never_unpickled(finished_run
     marker = tmp_path / "PICKLED"
     if kind == "garbage":
         (run / "adapter" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-        expect = "adapter_model.safetensors: not a valid safetensors file"
+        expect = "adapter_model.safetensors is not a safetensors file"
     else:
         (run / "adapter" / "adapter_model.safetensors").unlink()
 
@@ -307,7 +307,7 @@ def test_a_dummy_or_pickled_adapter_is_one_line_and_never_unpickled(finished_run
             def __reduce__(self):
                 return (os.system, (f"touch {marker}",))
         (run / "adapter" / "adapter_model.bin").write_bytes(pickle.dumps(Payload()))
-        expect = "adapter_model.bin: pickled adapter weights are not loaded"
+        expect = "adapter_model.bin holds pickled objects other than tensors and plain data"
     for args in (["merge", f"run={run}", f"output={tmp_path / 'merged'}"], ["eval", f"run={run}", "perplexity"]):
         r = run_cli(*args)
         assert r.returncode == 2 and expect in _one_line(r), r.stderr[-2000:]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ftctl.core import lock
-from ftctl.core.atomic import atomic_write_text
+from ftctl.core.atomic import atomic_write_text, json_safe
 from ftctl.core.errors import ConfigError, RunDirError
 from ftctl.models import load as models
 
@@ -207,7 +207,7 @@ class Run:
     def _with_adapter(self, base, adapter: Path, device):
         from peft import PeftModel
 
-        check_adapter_weights(adapter)
+        models.check_adapter_files(adapter, f"run={self.path}")  # a bad or pickled file: one line, never unpickled
         try:
             model = PeftModel.from_pretrained(base, adapter)
         except (RuntimeError, ValueError, KeyError) as e:  # shapes or module names that are not there
@@ -383,13 +383,14 @@ class Metrics:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.is_file():
-            keep = [json.dumps(row) for row in _parse_lines(self.path.read_text()) if row.get("step", 0) <= resume_step]
+            keep = [json.dumps(json_safe(row), allow_nan=False) for row in _parse_lines(self.path.read_text())
+                    if isinstance(row, dict) and row.get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(k + "\n" for k in keep))
         self._f = open(self.path, "a")
 
     def log(self, **row) -> None:
         row.setdefault("time", round(time.time(), 3))
-        self._f.write(json.dumps(row) + "\n")
+        self._f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
         self._f.flush()
 
     def close(self) -> None:
@@ -410,28 +411,6 @@ def _parse_lines(text: str) -> list[dict]:
 def read_metrics(run_dir: Path) -> list[dict]:
     f = Path(run_dir) / "metrics.jsonl"
     return _parse_lines(f.read_text()) if f.is_file() else []
-
-
-def check_adapter_weights(adapter: Path) -> Path:
-    """The adapter's weights file, if it is a readable safetensors file; RunDirError (one line, naming the file)
-    for pickled weights (adapter_model.bin is never loaded: pickle can carry code) or a file that is not
-    safetensors."""
-    adapter = Path(adapter)
-    f = adapter / "adapter_model.safetensors"
-    if not f.is_file():
-        pickled = adapter / "adapter_model.bin"
-        if pickled.is_file():
-            raise RunDirError(f"{pickled}: pickled adapter weights are not loaded (pickle can run code); ftctl reads "
-                              "adapter_model.safetensors only")
-        raise RunDirError(f"{adapter}: no adapter_model.safetensors")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(f), framework="pt") as st:
-            list(st.keys())
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a bad header
-        raise RunDirError(f"{f}: not a valid safetensors file ({str(e).strip().splitlines()[0][:120]})") from None
-    return f
 
 
 def adapter_folder(spec: str) -> Path:

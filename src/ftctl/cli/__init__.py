@@ -9,6 +9,7 @@ import sys
 from ftctl.cli import catalog, evaluate, experiments, post, train
 from ftctl.cli.args import Command, ShowUsage, UsageError, err
 from ftctl.cli.usage import USAGE
+from ftctl.core.atomic import disk_full
 
 # the commands, in the order the unknown-command message lists them
 COMMANDS: dict[str, Command] = {
@@ -112,6 +113,10 @@ def _run(name: str, args: list[str], debug: bool) -> int:
         if debug:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if disk_full(e):  # a full disk anywhere ftctl writes (data and model caches too): the user's to fix, exit 2
+            where = getattr(e, "filename", None)
+            err(f"no space left on device{f' writing {where}' if where else ''}: {msg}")
+            return 2
         err(f"{type(e).__name__}: {msg} (run with --debug for the traceback)")
         return 1
 

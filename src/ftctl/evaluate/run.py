@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from ftctl.config.compose import compose
 from ftctl.core import lock
-from ftctl.core.atomic import atomic_write_json, atomic_write_text
+from ftctl.core.atomic import atomic_write_json, atomic_write_text, json_safe
 from ftctl.core.device import pick_device
 from ftctl.core.errors import ConfigError
 from ftctl.core.registry import METRICS
@@ -331,7 +331,7 @@ def _write(ecfg: EvalConfig, cfg, run: Run | None, model_path: Path, rows: EvalR
             if label in preds_by:
                 row[f"prediction_{label}"] = preds_by[label][i]
             row[f"scores_{label}"] = {k: v[i] for k, v in per_row[label].items()}
-        lines.append(json.dumps(row, ensure_ascii=False))
+        lines.append(json.dumps(json_safe(row), ensure_ascii=False, allow_nan=False))  # null, never a bare NaN
     atomic_write_text(where / f"{name}.predictions.jsonl", "\n".join(lines) + "\n")
     atomic_write_json(where / f"{name}.json", report)
     console.print(f"wrote {where / (name + '.json')} and {name}.predictions.jsonl", highlight=False)

@@ -329,3 +329,55 @@ def keep_training_layout(model) -> int:
             m.support_avx512bf16_for_cpu = False
             n += 1
     return n
+
+
+def check_adapter_files(folder: Path, where: str) -> Path:
+    """An adapter folder's config and weights, read before peft loads them, so that a bad file is one line
+    naming it: adapter_config.json must be JSON; adapter_model.safetensors must parse; adapter_model.bin is read
+    weights-only (tensors and plain data: a pickle that names anything else is refused, never run). Returns the
+    weights file. ``where`` starts each message (``model.adapter=DIR``, ``run=DIR``)."""
+    import json
+
+    config = folder / "adapter_config.json"
+    try:
+        json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{where}: {config} is not valid JSON ({e})") from e
+    weights = folder / "adapter_model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own SafetensorError (and OSError)
+            raise ConfigError(f"{where}: {weights} is not a safetensors file "
+                              f"({str(e).strip().splitlines()[0][:200]})") from e
+        return weights
+    weights = folder / "adapter_model.bin"
+    if weights.is_file():
+        _check_weights_only(weights, where)
+        return weights
+    raise ConfigError(f"{where}: no adapter_model.safetensors or adapter_model.bin in {folder}")
+
+
+def _check_weights_only(weights: Path, where: str) -> None:
+    """torch.load with weights_only=True: a pickle naming other globals is refused before anything runs."""
+    import pickle
+    import re
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        named = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
+        why = f"it names {named.group(1)}" if named else "not a weights-only file"
+        raise ConfigError(f"{where}: {weights} holds pickled objects other than tensors and plain data "
+                          f"({why}); refusing to load it (adapter_model.safetensors is the safe format)") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ConfigError(f"{where}: {weights} is not a PyTorch weights file "
+                          f"({str(e).strip().splitlines()[0][:200]})") from e
