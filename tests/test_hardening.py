@@ -195,14 +195,16 @@ def test_overwrite_removes_only_what_ftctl_wrote_and_never_follows_a_link(tmp_pa
     assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
 
 
-def test_a_failed_set_up_leaves_a_run_that_can_be_reused(tmp_path):
+def test_a_failed_set_up_leaves_a_folder_ftctl_can_take_again(tmp_path):
     out = tmp_path / "run"
     r = run_cli("train", *TINY, "peft.target_modules=[no_such_module]", f"output_dir={out}")
-    assert r.returncode != 0
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["status"] == "failed" and manifest["ftctl_version"]
-    r = run_cli("train", *TINY, f"output_dir={out}", "overwrite=true")
+    assert r.returncode == 2 and not (out / "manifest.json").exists()  # nothing a later command would trust
+    assert (out / "train.log").is_file() and (out / lock.LOCK_FILE).is_file()
+    (out / "notes.txt").write_text("the user's")
+    r = run_cli("train", *TINY, f"output_dir={out}")  # its own leftovers: no overwrite=true needed
     assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "notes.txt").read_text() == "the user's"
+    assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
 
 
 # ----------------------------------------------------------------------------- 3. merge and quantize outputs

@@ -250,7 +250,7 @@ def _foreign(out: Path) -> list[str]:
 
 def prepare_output_dir(out: Path, *, overwrite: bool, resume: bool, dry_run: bool = False) -> None:
     """Check ``out`` for a new run, and (unless ``dry_run``, which only checks, so that a refusal comes before any
-    slow work) take it: create it, lock it (one writer: ftctl.core.lock) and mark it as a run. Refused: a run that
+    slow work) take it: create it and lock it (one writer: ftctl.core.lock). Refused: a run that
     is there (unless overwrite=true or resume=true), and a non-empty folder that is not an ftctl run, whatever
     overwrite says; overwrite=true removes only what ftctl wrote (``remove_run_files``)."""
     out = Path(out)
@@ -264,13 +264,17 @@ def prepare_output_dir(out: Path, *, overwrite: bool, resume: bool, dry_run: boo
         _check_reuse(out, overwrite)
     if dry_run:
         return
+    reuse = not resume and (is_run(out) or _set_up_only(out))  # overwrite=true, or a set-up that failed
     _mkdir(out)
     lock.acquire(out, "ftctl train")
-    if not resume:
-        if is_run(out):  # overwrite=true (checked above)
-            remove_run_files(out)
-        atomic_write_text(out / "manifest.json", json.dumps(
-            {"ftctl_version": _version(), "command": "train", "status": "starting"}, indent=2) + "\n")
+    if reuse:
+        remove_run_files(out)
+
+
+def _set_up_only(out: Path) -> bool:
+    """A folder ftctl took (its lock file is there) whose run failed in set-up, before its manifest: what it holds of
+    ``RUN_FILES`` (train.log) is ftctl's, and the folder may be taken again without overwrite=true."""
+    return (out / lock.LOCK_FILE).is_file() and not is_run(out)
 
 
 def _check_reuse(out: Path, overwrite: bool) -> None:
@@ -278,7 +282,7 @@ def _check_reuse(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
     if not is_run(out):
-        foreign = _foreign(out) if out.is_dir() else [out.name]
+        foreign = [] if _set_up_only(out) else _foreign(out) if out.is_dir() else [out.name]
         if foreign:
             raise RunDirError(f"output_dir {out} is not empty and is not an ftctl run (it holds "
                               f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})",
@@ -322,12 +326,6 @@ def check_output_folder(out: Path, sources: list[Path], marker: str, overwrite: 
         if not overwrite:
             raise RunDirError(f"output={out} already exists; choose another output= or pass overwrite=true")
     return out
-
-
-def _version() -> str:
-    from ftctl import __version__
-
-    return __version__
 
 
 def remove_run_files(out: Path) -> None:

@@ -45,7 +45,6 @@ from ftctl.rundir import (
     git_commit,
     library_versions,
     prepare_output_dir,
-    read_manifest,
 )
 from ftctl.tasks import Task, task_for
 from ftctl.train import checkpoint, distributed, launch, tracking
@@ -247,8 +246,8 @@ def train(cfg: DictConfig, choices: dict, console=None, debug: bool = False) -> 
                 return fit_without_steps(run)
             make_optimizer_and_objective(run)
             open_run_dir(run)
-        except BaseException as e:
-            _setup_failed(run, e)  # train.log stays, no handler behind (a sweep's next trial logs apart)
+        except BaseException:
+            _close_log(run)  # a failed set-up leaves train.log, and no handler behind (a sweep's next trial logs apart)
             raise
         loop_figures = fit(run)
         if run.main:
@@ -643,14 +642,6 @@ def _record_failure(run: Run, e: BaseException, measured: dict) -> None:
     run.metrics.close()
     run.trackers.finish(status=status)
     _close_log(run)
-
-
-def _setup_failed(run: Run, e: BaseException) -> None:
-    """A set-up that failed after the run directory was taken: its manifest says so (status failed)."""
-    _close_log(run)
-    manifest = read_manifest(run.out) if run.main else None
-    if manifest and manifest.get("status") == "starting":
-        atomic_write_json(run.out / "manifest.json", {**manifest, "status": "failed", "error": f"{type(e).__name__}: {e}"})
 
 
 def _close_log(run: Run) -> None:
