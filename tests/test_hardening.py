@@ -314,3 +314,19 @@ def test_a_dummy_or_pickled_adapter_is_one_line_and_never_unpickled(finished_run
         r = run_cli(*args)
         assert r.returncode == 2 and expect in _one_line(r), r.stderr[-2000:]
     assert not marker.exists() and not (tmp_path / "merged").exists()
+
+
+def test_a_chat_template_from_a_recipe_cannot_loop_for_ever(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "yo"}]}) + "\n")
+    (tmp_path / "bomb.yaml").write_text(textwrap.dedent("""\
+        # @package _global_
+        defaults:
+          - override /template: chat
+        template:
+          chat_template: "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
+        """))
+    r = run_cli("train", f"recipe={tmp_path / 'bomb.yaml'}", *TINY, f"data.path={rows}", "data.val_fraction=0",
+                "data.cache=false", f"output_dir={tmp_path / 'run'}", timeout=120)
+    assert r.returncode == 2 and "template.chat_template: rendering stopped: took over 5 s" in _one_line(r)

@@ -29,7 +29,7 @@ from ftctl.data.tokenize import IGNORE_INDEX, encode, encode_seq2seq, n_trained,
 
 log = logging.getLogger("ftctl")
 
-PIPELINE_VERSION = "6"  # bump when rendering or tokenization changes, so old caches are not reused
+PIPELINE_VERSION = "7"  # bump when rendering or tokenization changes, so old caches are not reused
 SHOW_BAD = 3  # how many skipped rows are named in the report
 CACHE_DONE = "ftctl-done"  # written last into a cache entry: an entry without it is never read
 

@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from ftctl.core.errors import DataError
+from ftctl.core.errors import ConfigError, DataError
 from ftctl.core.registry import TEMPLATES
 from ftctl.data import jinja
 
@@ -291,7 +291,11 @@ class ChatRenderer:
         if self.source:  # rendered the way transformers renders every chat template: in its Jinja sandbox
             kwargs["chat_template"] = self.source
         try:
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
+            with jinja.time_limit(self.where):  # a recipe's template that loops for ever stops (ConfigError)
+                return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                               **kwargs)
+        except ConfigError:
+            raise
         except Exception as e:  # whatever the template or the row did wrong is this row's problem
             from jinja2.exceptions import SecurityError
 
