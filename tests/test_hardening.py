@@ -158,7 +158,7 @@ def test_a_folder_that_is_not_a_run_is_never_taken(tmp_path):
     (mine / "adapter").mkdir(parents=True)
     (mine / "config.yaml").write_text("my own config\n")
     (mine / "adapter" / "notes.txt").write_text("mine")
-    for extra in ([], ["overwrite=true"]):
+    for extra in ([], ["overwrite=true"], ["resume=true"]):
         r = run_cli("train", *TINY, f"output_dir={mine}", *extra)
         assert r.returncode == 2 and "is not empty and is not an ftctl run (it holds adapter, config.yaml)" in \
             _one_line(r)

@@ -260,8 +260,7 @@ def prepare_output_dir(out: Path, *, overwrite: bool, resume: bool, dry_run: boo
     if who:
         raise RunDirError(f"output_dir {out} is in use by {who}: one writer per run directory",
                           hint="wait for it to finish, or stop it; its checkpoints are kept")
-    if not resume:
-        _check_reuse(out, overwrite)
+    _check_reuse(out, overwrite or resume)  # resume=true continues a run, never a folder of the user's
     if dry_run:
         return
     reuse = not resume and (is_run(out) or _set_up_only(out))  # overwrite=true, or a set-up that failed
@@ -278,7 +277,8 @@ def _set_up_only(out: Path) -> bool:
 
 
 def _check_reuse(out: Path, overwrite: bool) -> None:
-    """Refuse a folder a new run may not take: a run (unless overwrite), or a non-empty folder that is not a run."""
+    """Refuse a folder a run may not take: a run (unless overwrite or resume), or a non-empty folder that is not a
+    run, whatever overwrite or resume say."""
     if not out.exists():
         return
     if not is_run(out):
