@@ -116,7 +116,7 @@ def prepare_overrides(overrides: list[str]) -> list[str]:
 HYDRA_CHOICES = ("hydra/sweeper", "hydra/sweeper/sampler", "hydra/launcher")
 HYDRA_KEYS = ("hydra.sweeper.", "hydra.launcher.")
 HYDRA_VALUES = ("hydra.sweep.dir",)
-# a recipe's defaults list may choose options of ftctl's own groups (from configs/), nothing else
+# a resolver call in a value (${oc.env:HOME}, ${oc.decode:...}); plain interpolations (${trainer.lr}) have no colon
 _RESOLVER = re.compile(r"\$\{\s*([\w.\-]+)\s*:")
 
 
