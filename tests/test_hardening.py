@@ -73,6 +73,16 @@ HOSTILE_RECIPES = {
         defaults:
           - /model@hydra.job: tiny_llama
         """, "refused; a recipe may choose only options of ftctl's groups"),
+    "yaml_alias_bomb": ("""\
+        # @package _global_
+        a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]
+        b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+        c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+        d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+        e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+        f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+        g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+        """, "YAML alias *a refused in a recipe"),
     "env_resolver": ("""\
         # @package _global_
         logging:

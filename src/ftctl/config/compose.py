@@ -166,6 +166,10 @@ def check_recipe(f: Path) -> None:
         raise ConfigError(f"{f}:{_recipe_line(text, '@package')}: '# @package {m.group(1)}' refused; a recipe sets "
                           "keys at the top level (# @package _global_)")
     try:
+        alias = next((e for e in yaml.parse(text) if isinstance(e, yaml.AliasEvent)), None)
+        if alias is not None:  # *name copies a node: a few lines can expand to billions of values
+            raise ConfigError(f"{f}:{alias.start_mark.line + 1}: YAML alias *{alias.anchor} refused in a recipe; "
+                              "write the values out")
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
