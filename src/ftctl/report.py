@@ -28,7 +28,7 @@ from typing import Optional
 
 from ftctl import __version__
 from ftctl.core import lock
-from ftctl.core.atomic import atomic_file, atomic_write_text
+from ftctl.core.atomic import atomic_file, atomic_write_text, output_file
 from ftctl.core.console import printable
 from ftctl.core.errors import ConfigError, RunDirError
 
@@ -947,15 +947,8 @@ def sweep_report_html(folder: Path, trial_dirs: list[Path]) -> tuple[str, dict]:
 
 # ----------------------------------------------------------------------------- the command
 def _output(rcfg: ReportConfig) -> Path | None:
-    """output=, checked before any work: not a folder, not an existing file unless overwrite=true."""
-    if not rcfg.output:
-        return None
-    out = Path(rcfg.output).expanduser()
-    if out.is_dir():
-        raise ConfigError(f"output={out} is a folder; give the file to write, e.g. output={out / 'report.html'}")
-    if out.exists() and not rcfg.overwrite:
-        raise ConfigError(f"output={out} already exists", hint="pass overwrite=true to replace it, or another output=")
-    return out
+    """output=, checked before any work (core.atomic.output_file)."""
+    return output_file(rcfg.output, rcfg.overwrite, "report.html")
 
 
 def _inside(path: Path, folder: Path) -> bool:

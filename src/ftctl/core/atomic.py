@@ -148,3 +148,18 @@ def replace_folder(target: Path, build) -> Path:
     os.rename(tmp, target)
     fsync_dir(target.parent)
     return target
+
+
+def output_file(output: str | None, overwrite: bool, example: str) -> Path | None:
+    """A command's ``output=FILE``, checked before any work: not a folder (``example`` names a file to suggest),
+    not an existing file unless overwrite=true (ConfigError, one line). None when no output= was given."""
+    from ftctl.core.errors import ConfigError
+
+    if not output:
+        return None
+    out = Path(output).expanduser()
+    if out.is_dir():
+        raise ConfigError(f"output={out} is a folder; give the file to write, e.g. output={out / example}")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output={out} already exists", hint="pass overwrite=true to replace it, or another output=")
+    return out

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ftctl.core.atomic import atomic_write_text
+from ftctl.core.atomic import atomic_write_text, output_file
 from ftctl.core.console import printable
 from ftctl.core.device import pick_device
 from ftctl.core.errors import ConfigError, RunDirError
@@ -89,15 +89,8 @@ def _prompts(gcfg: GenerateConfig) -> list[str]:
 
 
 def _output(gcfg: GenerateConfig) -> Path | None:
-    """output=, checked before the model loads: not a folder, not an existing file unless overwrite=true."""
-    if not gcfg.output:
-        return None
-    out = Path(gcfg.output).expanduser()
-    if out.is_dir():
-        raise ConfigError(f"output={out} is a folder; give the file to write, e.g. output={out / 'generations.jsonl'}")
-    if out.exists() and not gcfg.overwrite:
-        raise ConfigError(f"output={out} already exists", hint="pass overwrite=true to replace it, or another output=")
-    return out
+    """output=, checked before the model loads (core.atomic.output_file)."""
+    return output_file(gcfg.output, gcfg.overwrite, "generations.jsonl")
 
 
 def _write(out: Path, prompts: list[str], outs: list[str]) -> None:
