@@ -256,10 +256,7 @@ def prepare_output_dir(out: Path, *, overwrite: bool, resume: bool, dry_run: boo
     out = Path(out)
     if lock.inherited(out):  # a worker of a multi-process run: its launcher checked and holds the folder
         return None if dry_run else _mkdir(out)
-    who = lock.holder(out) if out.is_dir() else None
-    if who:
-        raise RunDirError(f"output_dir {out} is in use by {who}: one writer per run directory",
-                          hint="wait for it to finish, or stop it; its checkpoints are kept")
+    lock.check_free(out)
     _check_reuse(out, overwrite or resume)  # resume=true continues a run, never a folder of the user's
     if dry_run:
         return

@@ -55,6 +55,19 @@ def holder(folder: Path) -> str | None:
         os.close(fd)
 
 
+def _in_use(folder: Path, who: str) -> RunDirError:
+    return RunDirError(f"{folder} is in use by {who}: one writer per run directory",
+                       hint="wait for it to finish, or stop it; its checkpoints are kept")
+
+
+def check_free(folder: Path) -> None:
+    """RunDirError naming the holder if another process holds ``folder`` (a check before slow work; ``acquire``
+    when it is time to write)."""
+    who = holder(folder) if Path(folder).is_dir() else None
+    if who:
+        raise _in_use(folder, who)
+
+
 def acquire(folder: Path, command: str) -> None:
     """Take ``folder``'s lock for this process (the folder must exist); RunDirError if another process has it.
     Taking a lock this process (or its launcher) already holds is a no-op."""
@@ -70,9 +83,7 @@ def acquire(folder: Path, command: str) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        who = holder(folder) or "another process"
-        raise RunDirError(f"{folder} is in use by {who}: one writer per run directory",
-                          hint="wait for it to finish, or stop it; its checkpoints are kept") from None
+        raise _in_use(folder, holder(folder) or "another process") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} ({command})\n".encode())
     _held[key] = fd

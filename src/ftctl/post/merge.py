@@ -57,9 +57,7 @@ def _open(mcfg: MergeConfig):
                           "(virtual tokens or prompts), not changes to the base weights; use the run's adapter as is")
     out = check_output_folder(Path(mcfg.output) if mcfg.output else run.path / "merged", [run.path, run.base_path],
                               MERGE_FILE, mcfg.overwrite, allowed_inside=run.path / "merged")
-    who = lock.holder(run.path)
-    if who:
-        raise RunDirError(f"run={run.path} is in use by {who}: merge it when that has finished")
+    lock.check_free(run.path)
     return run, peft_type, out
 
 

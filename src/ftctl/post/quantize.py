@@ -291,8 +291,9 @@ def quantize(qcfg: QuantizeConfig, overrides: list[str], console) -> Path:
     """Write a quantized copy of a model folder, with ftctl-quantize.json: sizes and perplexity before and after."""
 
     src, out = _check(qcfg)
-    with _run_lock(out):  # refused at once, before the slow part, while another process writes that run
-        pass
+    run_dir = run_containing(Path(out).parent)
+    if run_dir:  # refused at once, before the slow part, while another process writes that run
+        lock.check_free(run_dir)
     held = _held_out(qcfg, src, overrides)
     t0 = time.time()
     with console.status(f"perplexity of {src.name} on {len(held.rows)} held-out rows"):
