@@ -79,9 +79,9 @@ def check(t: TrainArgs) -> None:
 def warn_destinations(overrides: list[str], console) -> None:
     """Network addresses that come from a recipe file (not the command line or the environment), said before
     anything is sent there."""
-    from ftctl.config.compose import prepare_overrides, recipe_destinations
+    from ftctl.config.compose import recipe_destinations
 
-    for d in recipe_destinations(prepare_overrides(overrides)):
+    for d in recipe_destinations(overrides):  # recipe=NAME or recipe=FILE.yaml, already checked by the compose
         console.print(f"ftctl: note: a network address comes from a recipe file, not from you: {d}; the run "
                       "sends data there if it uses that key; give it on the command line to make it yours",
                       style="yellow", markup=False,
